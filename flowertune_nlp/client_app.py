@@ -1,0 +1,45 @@
+"""ClientApp: train the received global adapter on this node's partition and reply."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowertune_nlp.config import build_config
+from flowertune_nlp.logs import use_flower_log_handlers
+from flowertune_nlp.training import train_round
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    use_flower_log_handlers()
+    config = build_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    num_nodes = int(context.node_config["num-partitions"])
+    if num_nodes != config.dataset.num_partitions:
+        raise ValueError(
+            f"the federation has {num_nodes} supernodes but static.dataset.num-partitions = "
+            f"{config.dataset.num_partitions}; set options.num-supernodes to match"
+        )
+    settings = msg.content.config_records["config"]
+    result = train_round(
+        config,
+        partition_id=partition_id,
+        server_round=int(settings["server-round"]),
+        learning_rate=float(settings["lr"]),
+        global_state=msg.content.array_records["arrays"].to_torch_state_dict(),
+    )
+    metrics = MetricRecord({
+        "train_loss": result.train_loss,
+        "num-examples": result.num_examples,
+        "examples-dropped": result.dropped,
+        "seconds": result.seconds,
+    })
+    content = RecordDict({
+        "arrays": ArrayRecord(result.state),
+        "metrics": metrics,
+        "info": ConfigRecord({"precision": result.precision}),
+    })
+    return Message(content=content, reply_to=msg)

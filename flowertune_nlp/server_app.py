@@ -1,0 +1,68 @@
+"""ServerApp: build the config, make the initial adapter, run FedAvg, record the outcome."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from flowertune_nlp.comm import MB
+from flowertune_nlp.config import AppConfig, build_config
+from flowertune_nlp.logs import use_flower_log_handlers
+from flowertune_nlp.models import (
+    add_lora,
+    choose_precision,
+    load_base_model,
+    resolve_model_path,
+)
+from flowertune_nlp.outputs import RunOutputs
+from flowertune_nlp.strategy import FlowerTuneFedAvg
+from flowertune_nlp.training import lora_state_dict
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def initial_adapter(config: AppConfig) -> dict[str, torch.Tensor]:
+    """A freshly initialised LoRA adapter for the base model (seeded).
+
+    Also converts a GGUF base once, before any client needs it.
+    """
+    torch.manual_seed(config.seed)
+    precision = choose_precision(config.model.precision, config.model.quantization)
+    model = add_lora(load_base_model(resolve_model_path(config.model.name), precision),
+                     config.model.lora)
+    state = lora_state_dict(model)
+    del model
+    gc.collect()
+    return state
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    use_flower_log_handlers()
+    config = build_config(context.run_config)
+    random.seed(config.seed)  # Flower samples clients with the `random` module
+    outputs = RunOutputs.create(config)
+    log.info("run folder: %s", outputs.directory)
+    try:
+        strategy = FlowerTuneFedAvg(config, outputs)
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial_adapter(config)),
+            num_rounds=config.num_server_rounds,
+            train_config=ConfigRecord(),
+        )
+    except BaseException as err:
+        outputs.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    outputs.finish(
+        "completed",
+        rounds=config.num_server_rounds,
+        comm_bytes_total=strategy.ledger.total_bytes,
+        comm_mb_total=strategy.ledger.total_bytes / MB,
+    )

@@ -1,0 +1,185 @@
+"""One client's local training: a cached base model + LoRA, reset from the global adapter,
+trained with TRL's SFTTrainer for the configured steps at the round's learning rate."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flowertune_nlp.config import AppConfig
+from flowertune_nlp.data import (
+    TokenizedPartition,
+    examples_for_round,
+    load_partition,
+    tokenize_partition,
+)
+from flowertune_nlp.models import (
+    Precision,
+    add_lora,
+    choose_precision,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientModel:
+    """What a client process keeps across rounds (Ray actors outlive a round)."""
+
+    key: tuple
+    model: torch.nn.Module
+    tokenizer: object
+    precision: Precision
+
+
+_cached_model: ClientModel | None = None
+_cached_partitions: dict[tuple, TokenizedPartition] = {}
+
+
+def model_key(config: AppConfig) -> tuple:
+    m = config.model
+    return (m.name, m.quantization, m.precision, m.gradient_checkpointing, m.lora)
+
+
+def get_client_model(config: AppConfig) -> ClientModel:
+    """Load the base model + LoRA once per process; later rounds only reset the adapter."""
+    global _cached_model
+    key = model_key(config)
+    if _cached_model is None or _cached_model.key != key:
+        _cached_model = None  # free the old model before loading another
+        precision = choose_precision(config.model.precision, config.model.quantization)
+        path = resolve_model_path(config.model.name)
+        base = load_base_model(path, precision, config.model.gradient_checkpointing)
+        model = add_lora(base, config.model.lora)
+        _cached_model = ClientModel(key, model, load_tokenizer(path), precision)
+        log.info("client model %s loaded: %s", config.model.name, precision.describe())
+    return _cached_model
+
+
+def get_partition(config: AppConfig, partition_id: int, tokenizer) -> TokenizedPartition:
+    key = (config.dataset, config.train.seq_length, config.seed, partition_id)
+    if key not in _cached_partitions:
+        if len(_cached_partitions) >= 4:  # bound memory: a process serves many partitions
+            _cached_partitions.pop(next(iter(_cached_partitions)))
+        rows = load_partition(
+            config.dataset.name, config.dataset.num_partitions, partition_id, config.seed
+        )
+        _cached_partitions[key] = tokenize_partition(
+            rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field
+        )
+    return _cached_partitions[key]
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names, as fp32 on CPU (ArrayRecord goes
+    through numpy, which has no bf16)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", torch.float32, copy=True)
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite every LoRA tensor; refuse a state with missing, extra or misshapen tensors."""
+    from peft import set_peft_model_state_dict
+
+    expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    received = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != received:
+        missing = sorted(set(expected) - set(received))[:3]
+        extra = sorted(set(received) - set(expected))[:3]
+        shapes = [k for k in set(expected) & set(received) if expected[k] != received[k]][:3]
+        raise ValueError(
+            f"adapter does not fit this model: missing {missing}, unexpected {extra}, "
+            f"wrong shapes {shapes}"
+        )
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter keys not used by the model: {unexpected[:3]}")
+
+
+@dataclass
+class RoundResult:
+    state: dict[str, torch.Tensor]
+    train_loss: float
+    num_examples: int
+    dropped: int
+    seconds: float
+    precision: str
+
+
+def sft_config(config: AppConfig, precision: Precision, learning_rate: float, seed: int, out: str):
+    from trl import SFTConfig
+
+    t = config.train
+    return SFTConfig(
+        output_dir=out,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=0,
+        max_length=t.seq_length,
+        completion_only_loss=True,
+        bf16=precision.bf16,
+        use_cpu=precision.device == "cpu",
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+
+
+def train_round(
+    config: AppConfig,
+    partition_id: int,
+    server_round: int,
+    learning_rate: float,
+    global_state: dict[str, torch.Tensor],
+) -> RoundResult:
+    """Reset the adapter to the global weights, train locally, return the new adapter."""
+    from trl import SFTTrainer
+
+    start = time.perf_counter()
+    client = get_client_model(config)
+    set_lora_state_dict(client.model, global_state)
+    partition = get_partition(config, partition_id, client.tokenizer)
+    t = config.train
+    needed = t.max_steps * t.batch_size * t.gradient_accumulation_steps
+    examples = examples_for_round(partition, needed, config.seed, server_round, partition_id)
+    seed = config.seed + server_round
+    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
+        trainer = SFTTrainer(
+            model=client.model,
+            args=sft_config(config, client.precision, learning_rate, seed, out),
+            train_dataset=examples,
+            processing_class=client.tokenizer,
+        )
+        output = trainer.train()
+    loss = float(output.training_loss)
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FloatingPointError(f"training loss is {loss} in round {server_round}")
+    return RoundResult(
+        state=lora_state_dict(client.model),
+        train_loss=loss,
+        num_examples=len(examples),
+        dropped=partition.dropped,
+        seconds=time.perf_counter() - start,
+        precision=client.precision.describe(),
+    )
