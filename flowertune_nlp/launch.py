@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import tomli_w
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FEDERATION = "local"
@@ -120,6 +121,22 @@ def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.poll()
 
 
+def merge_run_configs(run_configs: list[str], target: Path) -> Path:
+    """Fuse TOML files and 'key=value' overrides (later wins) into one TOML file.
+
+    `flwr run` refuses a TOML file alongside key-value pairs; a preset plus a local dataset
+    path is exactly what an offline user needs, so the launcher merges them first.
+    """
+    from flwr.common.config import parse_config_args
+
+    merged: dict = {}
+    for run_config in run_configs:
+        merged.update(parse_config_args([run_config]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(tomli_w.dumps(merged))
+    return target
+
+
 def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int = 20,
             cpus_per_client: float = 2, gpus_per_client: float = 0.0,
             env_overrides: dict[str, str] | None = None, log_file: Path | None = None) -> int:
@@ -134,8 +151,9 @@ def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int
     try:
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
                    "--stream"]
-        for run_config in run_configs:
-            command += ["--run-config", run_config]
+        if run_configs:
+            merged = merge_run_configs(run_configs, flwr_home / f"run-config-{os.getpid()}.toml")
+            command += ["--run-config", str(merged)]
         return subprocess.run(command, env=env, cwd=os.getcwd()).returncode
     finally:
         stop_process_tree(superlink)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from transformers import LlamaConfig, Qwen2Config
+
+from flowertune_nlp.comm import (
+    MB,
+    arrayrecord_tensor_bytes,
+    expected_total_bytes,
+    lora_shapes_from_config,
+)
+
+QWEN25_7B = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4)
+LLAMA31_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8)
+
+
+@pytest.mark.parametrize(("config", "params", "mb"), [
+    (QWEN25_7B, 10_092_544, 1540.55),
+    (LLAMA31_8B, 13_631_488, 2080.62),
+])
+def test_published_comm_costs_from_configs_alone(config, params, mb):
+    shapes = lora_shapes_from_config(config, ("q_proj", "v_proj"), rank=32)
+    assert sum(a * b for a, b in shapes) == params
+    assert len(shapes) == 4 * config.num_hidden_layers
+    total = expected_total_bytes(shapes, rounds=10, clients_per_round=2)
+    assert round(total / MB, 2) == mb
+
+
+def test_arrayrecord_bytes_are_tensor_bytes_plus_npy_header():
+    state = {"a.lora_A.weight": torch.ones(8, 64), "a.lora_B.weight": torch.zeros(96, 8)}
+    record = ArrayRecord(state)
+    assert arrayrecord_tensor_bytes(record) == 4 * (8 * 64 + 96 * 8) + 2 * 128
+
+
+def test_arrayrecord_round_trip_keeps_every_tensor_exactly():
+    generator = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.lora_{ab}.weight": torch.randn(4, 16, generator=generator)
+             for i in range(3) for ab in "AB"}
+    restored = ArrayRecord(state).to_torch_state_dict()
+    assert list(restored) == list(state)
+    for key, tensor in state.items():
+        assert restored[key].dtype == torch.float32
+        np.testing.assert_array_equal(restored[key].numpy(), tensor.numpy())

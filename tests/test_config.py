@@ -1,0 +1,83 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from flowertune_nlp.config import RUN_CONFIG_KEYS, AppConfig, ConfigError, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_run_config() -> dict:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flat: dict = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                flat[name] = value
+
+    walk("", data["tool"]["flwr"]["app"]["config"])
+    return flat
+
+
+def test_pyproject_defaults_equal_dataclass_defaults():
+    flat = pyproject_run_config()
+    assert set(flat) == set(RUN_CONFIG_KEYS)
+    assert build_config(flat) == AppConfig()
+    assert build_config({}) == AppConfig()
+
+
+def test_baseline_defaults():
+    c = AppConfig()
+    assert (c.num_server_rounds, c.model.name, c.model.quantization) == (
+        10, "Qwen/Qwen2.5-7B-Instruct", 4)
+    assert (c.model.lora.r, c.model.lora.alpha, c.train.seq_length) == (32, 64, 512)
+    assert (c.train.batch_size, c.train.max_steps, c.clients_per_round) == (8, 10, 2)
+
+
+def test_presets_parse(tmp_path):
+    for preset in sorted((ROOT / "configs").glob("*.toml")):
+        overrides = tomllib.loads(preset.read_text())
+        config = build_config(overrides)
+        assert config.dataset.num_partitions == 20, preset
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("model.lora.peft-lora-r", 0, "rank must be > 0"),
+        ("model.lora.peft-lora-r", -4, "rank must be > 0"),
+        ("strategy.fraction-train", 0.0, "(0, 1]"),
+        ("strategy.fraction-train", 1.5, "(0, 1]"),
+        ("model.quantization", 5, "4 (nf4), 8 (int8) or 0"),
+        ("model.precision", "fp8", "auto, bf16, fp32"),
+        ("train.training-arguments.max-steps", 0, ">= 1"),
+        ("train.training-arguments.per-device-train-batch-size", 0, ">= 1"),
+        ("train.learning-rate-min", 1.0, "learning-rate-max"),
+        ("model.name", "/no/such/model-dir", "does not exist"),
+        ("model.name", "missing.gguf", "does not exist"),
+        ("static.dataset.name", "/no/such/data.json", "does not exist"),
+        ("model.name", "package:no_such_pkg/x.gguf", "not installed"),
+        ("num-server-rounds", "ten", "expected int"),
+        ("model.gradient-checkpointing", "maybe", "expected bool"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(key, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        build_config({key: value})
+    message = str(info.value)
+    assert key in message and repr(value) in message and fragment in message
+
+
+def test_unknown_key_is_rejected_with_known_keys():
+    with pytest.raises(ConfigError, match="unknown run config key.*model.lora.rank"):
+        build_config({"model.lora.rank": 8})
+
+
+def test_target_modules_from_string():
+    config = build_config({"model.lora.target-modules": "q_proj, k_proj,v_proj"})
+    assert config.model.lora.target_modules == ("q_proj", "k_proj", "v_proj")
