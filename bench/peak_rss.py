@@ -6,6 +6,7 @@ Prints the command's wall time and peak tree RSS as one JSON line last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,10 +22,8 @@ def tree_rss(root: psutil.Process) -> int:
     except psutil.NoSuchProcess:
         return 0
     for member in members:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += member.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 

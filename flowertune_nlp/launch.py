@@ -18,11 +18,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 import tomli_w
+
+from flowertune_nlp.config import ConfigError, build_config
+from flowertune_nlp.outputs import default_run_name
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FEDERATION = "local"
@@ -121,8 +125,8 @@ def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.poll()
 
 
-def merge_run_configs(run_configs: list[str], target: Path) -> Path:
-    """Fuse TOML files and 'key=value' overrides (later wins) into one TOML file.
+def merge_run_configs(run_configs: list[str]) -> dict:
+    """Fuse TOML files and 'key=value' overrides (later wins) into one flat mapping.
 
     `flwr run` refuses a TOML file alongside key-value pairs; a preset plus a local dataset
     path is exactly what an offline user needs, so the launcher merges them first.
@@ -132,31 +136,53 @@ def merge_run_configs(run_configs: list[str], target: Path) -> Path:
     merged: dict = {}
     for run_config in run_configs:
         merged.update(parse_config_args([run_config]))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(tomli_w.dumps(merged))
-    return target
+    return merged
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int  # 0 completed, 1 the run failed, 2 the config was rejected
+    run_dir: Path | None
+    status: str
+    error: str | None = None
 
 
 def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int = 20,
-            cpus_per_client: float = 2, gpus_per_client: float = 0.0,
-            env_overrides: dict[str, str] | None = None, log_file: Path | None = None) -> int:
-    """Run one Flower run to completion and stop every process it started; return the exit code
-    of `flwr run`."""
+            cpus_per_client: float = 2, gpus_per_client: float = 0.0) -> RunOutcome:
+    """Validate the config, run it to completion through `flwr run`, stop every process it
+    started, and report the run's status from its run.json (`flwr run` exits 0 even when the
+    ServerApp fails)."""
+    overrides = merge_run_configs(run_configs)
+    try:
+        config = build_config(overrides)
+    except ConfigError as err:
+        return RunOutcome(2, None, "rejected", str(err))
+    if not config.run_name:
+        overrides["run-name"] = default_run_name(config)
+    run_dir = (Path(config.output_dir).expanduser() / overrides["run-name"]).resolve()
+    if (run_dir / "run.json").exists():
+        return RunOutcome(2, run_dir, "rejected", f"run folder {run_dir} already holds a run; "
+                          "choose another run-name")
+
     flwr_home = Path(os.environ.get("FLOWERTUNE_FLWR_HOME", app_dir / ".flwr"))
     write_federation_config(flwr_home, num_supernodes, cpus_per_client, gpus_per_client)
+    merged = flwr_home / f"run-config-{os.getpid()}.toml"
+    merged.write_text(tomli_w.dumps(overrides))
     env = flower_environment(flwr_home)
-    env.update(env_overrides or {})
-    superlink_log = log_file or flwr_home / "local-superlink" / "superlink.log"
-    superlink = start_superlink(env, flwr_home, superlink_log)
+    superlink = start_superlink(env, flwr_home, flwr_home / "local-superlink" / "superlink.log")
     try:
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
-                   "--stream"]
-        if run_configs:
-            merged = merge_run_configs(run_configs, flwr_home / f"run-config-{os.getpid()}.toml")
-            command += ["--run-config", str(merged)]
-        return subprocess.run(command, env=env, cwd=os.getcwd()).returncode
+                   "--stream", "--run-config", str(merged)]
+        subprocess.run(command, env=env, cwd=os.getcwd())
     finally:
         stop_process_tree(superlink)
+        merged.unlink(missing_ok=True)
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return RunOutcome(1, run_dir, "failed", f"the run left no readable {run_dir}/run.json")
+    status = record.get("status", "unknown")
+    return RunOutcome(0 if status == "completed" else 1, run_dir, status, record.get("error"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
-    code = run_app(args.run_config, num_supernodes=args.num_supernodes,
-                   cpus_per_client=args.cpus_per_client, gpus_per_client=gpus)
-    print(json.dumps({"flwr_run_exit_code": code}))
-    return code
-
+    outcome = run_app(args.run_config, num_supernodes=args.num_supernodes,
+                      cpus_per_client=args.cpus_per_client, gpus_per_client=gpus)
+    if outcome.error:
+        print(f"error: {outcome.error}", file=sys.stderr)
+    print(json.dumps({"status": outcome.status, "run_dir": str(outcome.run_dir)}))
+    return outcome.exit_code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from flowertune_nlp.data import (
+    examples_for_round,
+    format_prompt,
+    load_partition,
+    tokenize_example,
+    tokenize_partition,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_prompt_keeps_input_field_when_present():
+    with_input = format_prompt("Translate.", "Bonjour", keep_input=True)
+    assert "### Input:\nBonjour\n\n### Response:\n" in with_input
+    assert with_input.endswith("### Response:\n")
+    dropped = format_prompt("Translate.", "Bonjour", keep_input=False)
+    assert "Bonjour" not in dropped and dropped.endswith("### Response:\n")
+    assert format_prompt("Say hi.", "", keep_input=True) == format_prompt("Say hi.", None, True)
+
+
+def test_labels_are_masked_exactly_outside_response_and_eos(tokenizer, tiny_model_dir):
+    prompt = format_prompt("Name a colour.", None, keep_input=True)
+    example = tokenize_example(tokenizer, prompt, "Blue is a colour.", max_length=256)
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    response_ids = tokenizer("Blue is a colour.", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    # Labels as TRL's SFT trainer builds them from our completion mask.
+    from transformers import AutoModelForCausalLM
+
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=SFTConfig(output_dir="/tmp/unused", max_length=256, completion_only_loss=True,
+                       report_to="none", use_cpu=True, bf16=False),
+        train_dataset=Dataset.from_list([example]),
+        processing_class=tokenizer,
+    )
+    labels = trainer.train_dataset[0]["labels"]
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == [*response_ids, tokenizer.eos_token_id]
+
+
+def test_truncated_away_response_is_dropped_and_counted(tokenizer):
+    rows = Dataset.from_list([
+        {"instruction": "word " * 300, "input": "", "output": "long prompt"},
+        {"instruction": "Short.", "input": "", "output": "ok"},
+        {"instruction": "", "input": "", "output": "no instruction"},
+        {"instruction": "No output.", "input": "", "output": "  "},
+    ])
+    partition = tokenize_partition(rows, tokenizer, max_length=192, keep_input=True)
+    assert (partition.dropped_truncated, partition.dropped_empty, len(partition.dataset)) == (
+        1, 2, 1)
+    assert all(sum(m) > 0 for m in partition.dataset["completion_mask"])
+
+
+def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
+    rows = json.loads(alpaca_sample.read_text())
+    seen = []
+    for pid in range(20):
+        part = load_partition(str(alpaca_sample), 20, pid, seed=7)
+        assert 45 <= len(part) <= 55
+        seen += [(r["instruction"], r["input"], r["output"]) for r in part]
+    assert len(seen) == len(rows)
+    assert sorted(seen) == sorted((r["instruction"], r["input"], r["output"]) for r in rows)
+
+
+def test_each_round_sees_a_different_order(tokenizer, alpaca_sample):
+    rows = load_partition(str(alpaca_sample), 20, 3, seed=7)
+    partition = tokenize_partition(rows, tokenizer, max_length=256, keep_input=True)
+    first = examples_for_round(partition, 8, seed=7, server_round=1, partition_id=3)
+    second = examples_for_round(partition, 8, seed=7, server_round=2, partition_id=3)
+    again = examples_for_round(partition, 8, seed=7, server_round=1, partition_id=3)
+    assert first["input_ids"] != second["input_ids"]
+    assert first["input_ids"] == again["input_ids"]
+    repeated = examples_for_round(partition, 3 * len(partition.dataset), 7, 1, 3)
+    assert len(repeated) == 3 * len(partition.dataset)
