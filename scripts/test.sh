@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command (README "Test"): unit tests on tiny models, integration tests
+# through real Flower simulations and on the packaged SmolLM2-135M-Instruct.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Flower state of test runs stays out of the working tree's .flwr of interactive runs.
+export FLOWERTUNE_FLWR_HOME="${FLOWERTUNE_FLWR_HOME:-$(mktemp -d)/flwr-home}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
