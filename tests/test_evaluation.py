@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_adapter_changes_scores_and_result_files_agree(tiny_model_dir, tiny_adap
                                                        tmp_path):
     result = evaluate(_request(tiny_model_dir, mmlu_dir, tmp_path, peft_path=str(tiny_adapter)))
     assert result["scored"] == "adapter"
-    rows = [json.loads(x) for x in open(result["predictions_file"])]
+    rows = [json.loads(x) for x in Path(result["predictions_file"]).read_text().splitlines()]
     for protocol, summary in result["protocols"].items():
         mine = [r for r in rows if r["protocol"] == protocol]
         assert len(mine) == summary["questions"] == 19

@@ -2,11 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMOLLM2
+
 from evaluation.runner import EvalRequest, evaluate
 from flowertune_nlp import training
 from flowertune_nlp.config import build_config
@@ -47,7 +48,7 @@ def test_smollm2_adapter_scores_on_both_protocols(smollm2_adapter, mmlu_dir, tmp
         base_model=SMOLLM2, peft_path=str(adapter), mmlu_path=str(mmlu_dir),
         limit_per_subject=1, batch_size=16, output=str(output), progress=False))
     stored = json.loads(output.read_text())
-    rows = [json.loads(line) for line in open(stored["predictions_file"])]
+    rows = [json.loads(line) for line in Path(stored["predictions_file"]).read_text().splitlines()]
     for protocol in ("flowertune", "logprob"):
         summary = stored["protocols"][protocol]
         assert summary["questions"] == 44

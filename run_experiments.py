@@ -1,0 +1,336 @@
+"""Sweep models x tasks: train each model through `flwr run`, evaluate its final adapter on the
+task's benchmark, and write one results table (CSV, JSON, Markdown) plus plots.
+
+Everything is read from files the runs write (run.json, metrics.jsonl, the evaluation JSON),
+never scraped from output. A failed model is recorded and the sweep goes on; re-running the same
+--run-id skips pairs that already completed (unless --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from flowertune_nlp.io import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = ROOT / "configs"
+TASKS_FILE = CONFIGS / "tasks.toml"
+CATEGORY_COLUMNS = (("stem", "STEM"), ("social_sciences", "Social Sciences"),
+                    ("humanities", "Humanities"))
+
+
+_sweep_log: Path | None = None
+
+
+def say(message: str) -> None:
+    """Print and append to the sweep's own log in its run folder."""
+    print(message, flush=True)
+    if _sweep_log is not None:
+        with _sweep_log.open("a") as log:
+            log.write(message + "\n")
+
+
+class UsageError(Exception):
+    """A bad argument: reported with exit code 2 before anything runs."""
+
+
+def load_tasks() -> dict:
+    return tomllib.loads(TASKS_FILE.read_text())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True,
+                        help="base model: hub id, local folder, GGUF file or package:<pkg>/<file>;"
+                        " repeat the flag or separate with commas")
+    parser.add_argument("--task", default="general_nlp",
+                        help=f"task from {TASKS_FILE.name}: {', '.join(load_tasks())}")
+    parser.add_argument("--preset", default=None,
+                        help="a configs/<name>.toml run-config preset, e.g. cpu-smoke")
+    parser.add_argument("--run-config", action="append", default=[],
+                        help="extra 'key=value' run-config overrides passed to flwr run")
+    parser.add_argument("--data-dir", default=None,
+                        help="offline data laid out like ../shared/data: alpaca-gpt4/*.json, "
+                        "mmlu/test/*.csv, mmlu/dev/*.csv; also turns the hub off")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip training; evaluate the adapter an earlier training of this "
+                        "run id recorded (or --peft-path)")
+    parser.add_argument("--peft-path", default=None, help="adapter to evaluate with --eval-only")
+    parser.add_argument("--protocol", default="flowertune,logprob",
+                        help="evaluation protocols: flowertune, logprob or both")
+    parser.add_argument("--limit-per-subject", type=int, default=None,
+                        help="MMLU questions per subject (default: the task table's value for "
+                        "the preset, else all)")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--run-id", default=None, help="sweep folder name (default: a timestamp)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo pairs that already completed in this run id")
+    parser.add_argument("--output-root", default=str(ROOT / "experiment_results"),
+                        help="where <task>/<run-id>/ folders go")
+    args = parser.parse_args(argv)
+    args.model = [m.strip() for spec in args.model for m in spec.split(",") if m.strip()]
+    return args
+
+
+def validate(args: argparse.Namespace) -> dict:
+    """Check every argument before anything runs; returns the task's table."""
+    tasks = load_tasks()
+    if args.task not in tasks:
+        raise UsageError(f"unknown task {args.task!r}; known tasks: {', '.join(tasks)}")
+    if not args.model:
+        raise UsageError("--model is empty")
+    if args.preset is not None and not (CONFIGS / f"{args.preset}.toml").is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.toml") if p.stem != "tasks")
+        raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(known)}")
+    task = tasks[args.task]
+    if args.data_dir is not None:
+        data = Path(args.data_dir).expanduser()
+        for sub in (task["local-dataset"], f"{task['local-benchmark']}/test"):
+            if not (data / sub).is_dir():
+                raise UsageError(f"--data-dir {data} has no {sub}/ folder; lay it out like "
+                                 "../shared/data (alpaca-gpt4/*.json, mmlu/test/*.csv)")
+    if args.eval_only and args.peft_path and not Path(args.peft_path).is_dir():
+        raise UsageError(f"--peft-path {args.peft_path} is not a folder")
+    if args.eval_only and args.peft_path and len(args.model) != 1:
+        raise UsageError("--peft-path with --eval-only takes exactly one --model")
+    if args.run_id and not re.fullmatch(r"[A-Za-z0-9._-]+", args.run_id):
+        raise UsageError(f"--run-id {args.run_id!r} may only hold letters, digits, . _ -")
+    return task
+
+
+def slug(model: str) -> str:
+    name = Path(model.removeprefix("package:")).name.removesuffix(".gguf")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
+def environment(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", FLWR_TELEMETRY_ENABLED="0",
+               PYTHONUNBUFFERED="1")
+    if args.data_dir is not None:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def run_logged(command: list[str], log_file: Path, env: dict[str, str]) -> int:
+    with log_file.open("a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=ROOT).returncode
+
+
+def train(model: str, args, task: dict, pair_dir: Path, env) -> dict:
+    dataset = (str(Path(args.data_dir).resolve() / task["local-dataset"]) if args.data_dir
+               else task["dataset"])
+    overrides = (f'model.name="{model}" static.dataset.name="{dataset}" '
+                 f'output-dir="{pair_dir}" run-name="train"')
+    command = [sys.executable, "-m", "flowertune_nlp.launch"]
+    if args.preset:
+        command += ["--run-config", str(CONFIGS / f"{args.preset}.toml")]
+    for extra in args.run_config:
+        command += ["--run-config", extra]
+    command += ["--run-config", overrides]
+    log_file = pair_dir / "train.log"
+    start = time.perf_counter()
+    code = run_logged(command, log_file, env)
+    seconds = time.perf_counter() - start
+    record_file = pair_dir / "train" / "run.json"
+    if not record_file.is_file():
+        raise RuntimeError(f"training wrote no run.json (exit {code}); see {log_file}")
+    record = json.loads(record_file.read_text())
+    if code != 0 or record.get("status") != "completed" or not record.get("final_adapter"):
+        raise RuntimeError(f"training {record.get('status')}: {record.get('error')}; "
+                           f"see {log_file}")
+    return {"train_seconds": seconds, "adapter": record["final_adapter"],
+            "rounds": record.get("rounds"), "comm_mb": record.get("comm_mb_total"),
+            "metrics_file": str(pair_dir / "train" / "metrics.jsonl")}
+
+
+def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) -> dict:
+    benchmark = (str(Path(args.data_dir).resolve() / task["local-benchmark"]) if args.data_dir
+                 else "cais/mmlu")
+    limit = args.limit_per_subject
+    if limit is None and args.preset:
+        limit = task.get("evaluation", {}).get("limit-per-subject", {}).get(args.preset)
+    output = pair_dir / "eval.json"
+    command = [sys.executable, "-m", "evaluation", "--base-model-name-path", model,
+               "--peft-path", adapter, "--mmlu-path", benchmark, "--category",
+               task["categories"], "--protocol", args.protocol, "--batch-size",
+               str(args.eval_batch_size), "--run-name", slug(model), "--output", str(output),
+               "--no-progress"]
+    if limit:
+        command += ["--limit-per-subject", str(limit)]
+    log_file = pair_dir / "eval.log"
+    start = time.perf_counter()
+    code = run_logged(command, log_file, env)
+    if code != 0 or not output.is_file():
+        raise RuntimeError(f"evaluation failed (exit {code}); see {log_file}")
+    return {"eval_seconds": time.perf_counter() - start, "eval_file": str(output),
+            "limit_per_subject": limit}
+
+
+def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
+    pair_dir = sweep_dir / slug(model)
+    state_file = pair_dir / "pair.json"
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if previous.get("status") == "completed" and not args.force:
+        say(f"[{model}] already completed in this run id; skipping (use --force to redo)")
+        return previous
+    if pair_dir.exists() and not args.eval_only:
+        # Keep what an earlier attempt wrote; a new training needs a fresh folder.
+        pair_dir.rename(pair_dir.with_name(f"{pair_dir.name}.attempt-{time.strftime('%H%M%S')}"))
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    state = {"model": model, "task": args.task, "status": "running", "pair_dir": str(pair_dir)}
+    try:
+        if args.eval_only:
+            adapter = args.peft_path or previous.get("adapter")
+            if not adapter:
+                raise RuntimeError("--eval-only found no adapter for this model in this run id; "
+                                   "train first or pass --peft-path")
+            state.update({k: v for k, v in previous.items() if k not in state})
+            state["adapter"] = adapter
+        else:
+            say(f"[{model}] training (log: {pair_dir / 'train.log'})")
+            state.update(train(model, args, task, pair_dir, env))
+        say(f"[{model}] evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
+        state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))
+        state["status"] = "completed"
+    except RuntimeError as err:
+        state.update(status="failed", error=str(err))
+        say(f"[{model}] FAILED: {err}")
+    atomic_write_json(state_file, state)
+    return state
+
+
+def result_row(state: dict) -> dict:
+    row = {"Model": state["model"], "Task": state["task"], "Status": state["status"]}
+    evaluation = {}
+    if state.get("eval_file") and Path(state["eval_file"]).is_file():
+        evaluation = json.loads(Path(state["eval_file"]).read_text())["protocols"]
+    for protocol, prefix in (("flowertune", ""), ("logprob", "logprob ")):
+        summary = evaluation.get(protocol)
+        for key, title in CATEGORY_COLUMNS:
+            cat = summary["categories"].get(key) if summary else None
+            row[f"{prefix}{title}"] = round(100 * cat["accuracy"], 2) if cat else None
+        average = summary.get("average") if summary else None
+        row[f"{prefix}Average"] = round(100 * average, 2) if average is not None else None
+    row["Comm. Costs (MB)"] = round(state["comm_mb"], 2) if state.get("comm_mb") else None
+    row["Rounds"] = state.get("rounds")
+    seconds = (state.get("train_seconds") or 0) + (state.get("eval_seconds") or 0)
+    row["Wall time (s)"] = round(seconds, 1) if seconds else None
+    row["MMLU questions/subject"] = state.get("limit_per_subject") or "all"
+    row["Error"] = state.get("error")
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c != "Error"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if row[c] is None else str(row[c])
+                                       for c in columns) + " |")
+    errors = [f"- {r['Model']}: {r['Error']}" for r in rows if r.get("Error")]
+    notes = ["", "Accuracy in %: the first four columns use the FlowerTune leaderboard protocol, "
+             "the logprob columns lm-evaluation-harness's log-likelihood protocol."]
+    return "\n".join(lines + notes + (["", "Failures:", *errors] if errors else [])) + "\n"
+
+
+def plot(states: list[dict], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, comm_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for state in states:
+        metrics_file = Path(state.get("metrics_file") or "/nonexistent")
+        if metrics_file.is_file():
+            rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+            rounds = [r["round"] for r in rows]
+            loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label=slug(
+                state["model"]))
+            comm_ax.plot(rounds, [r["comm_mb_total"] for r in rows], marker="o",
+                         label=slug(state["model"]))
+    loss_ax.set(title="Train loss per round", xlabel="round", ylabel="loss")
+    comm_ax.set(title="Cumulative communication", xlabel="round", ylabel="MB (2^20 bytes)")
+    completed = [s for s in states if s.get("eval_file")]
+    width = 0.8 / max(1, len(completed))
+    for i, state in enumerate(completed):
+        summary = json.loads(Path(state["eval_file"]).read_text())["protocols"]
+        for j, protocol in enumerate(p for p in ("flowertune", "logprob") if p in summary):
+            values = [100 * summary[protocol]["categories"][key]["accuracy"]
+                      if key in summary[protocol]["categories"] else 0
+                      for key, _ in CATEGORY_COLUMNS]
+            xs = [k + i * width + j * width / 2 for k in range(len(CATEGORY_COLUMNS))]
+            acc_ax.bar(xs, values, width / 2,
+                       label=f"{slug(state['model'])} ({protocol})",
+                       hatch="//" if protocol == "logprob" else None)
+    acc_ax.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
+    acc_ax.set_xticks(range(len(CATEGORY_COLUMNS)), [t for _, t in CATEGORY_COLUMNS])
+    acc_ax.set(title="MMLU accuracy by category", ylabel="%")
+    for ax in (loss_ax, comm_ax, acc_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    tmp = target.with_suffix(".png.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, target)
+
+
+def write_results(sweep_dir: Path, states: list[dict]) -> list[dict]:
+    rows = [result_row(s) for s in states]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "results.csv", buffer.getvalue())
+    atomic_write_json(sweep_dir / "results.json", rows)
+    atomic_write_text(sweep_dir / "results.md", markdown(rows))
+    plot(states, sweep_dir / "results.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        task = validate(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+    sweep_dir = Path(args.output_root).expanduser().resolve() / args.task / run_id
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    global _sweep_log
+    _sweep_log = sweep_dir / "sweep.log"
+    say(f"sweep folder: {sweep_dir}")
+    env = environment(args)
+    states = [run_pair(model, args, task, sweep_dir, env) for model in args.model]
+    # Pairs finished by earlier invocations of this run id stay in the table.
+    done = {s["model"] for s in states}
+    for state_file in sorted(sweep_dir.glob("*/pair.json")):
+        state = json.loads(state_file.read_text())
+        if state["model"] not in done:
+            states.append(state)
+    rows = write_results(sweep_dir, states)
+    say(markdown(rows))
+    say(f"results: {sweep_dir / 'results.md'}")
+    return 0 if all(s["status"] == "completed" for s in states) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The sweep wrapper end to end: run_all_experiments.sh -> run_experiments.py -> flwr run."""
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tiny import SHARED_DATA
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep(*args: str, output_root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(ROOT / "run_all_experiments.sh"), "--output-root", str(output_root), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+TINY_OVERRIDES = ("num-server-rounds=1 model.quantization=0 train.seq-length=128 "
+                  "train.training-arguments.max-steps=1 "
+                  "train.training-arguments.per-device-train-batch-size=2")
+
+
+def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, tmp_path):
+    common = ("--task", "general_nlp", "--data-dir", str(SHARED_DATA), "--run-id", "t1",
+              "--run-config", TINY_OVERRIDES, "--limit-per-subject", "1",
+              "--protocol", "logprob")
+    missing = str(tmp_path / "no-such-model")
+    first = sweep("--model", f"{tiny_model_dir},{missing}", *common, output_root=tmp_path)
+    assert first.returncode == 1, first.stdout + first.stderr
+    sweep_dir = tmp_path / "general_nlp" / "t1"
+    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
+    good, bad = rows[str(tiny_model_dir)], rows[missing]
+    assert good["Status"] == "completed" and bad["Status"] == "failed"
+    assert "does not exist" in bad["Error"]
+    for column in ("logprob STEM", "logprob Social Sciences", "logprob Humanities",
+                   "logprob Average", "Comm. Costs (MB)", "Rounds"):
+        assert good[column] not in ("", None), column
+    assert 0 <= float(good["logprob Average"]) <= 100
+    assert (sweep_dir / "results.png").stat().st_size > 10_000
+    assert "| Model |" in (sweep_dir / "results.md").read_text()
+    pair = json.loads((sweep_dir / tiny_model_dir.name / "pair.json").read_text())
+    metrics = [json.loads(x) for x in Path(pair["metrics_file"]).read_text().splitlines()]
+    assert float(good["Comm. Costs (MB)"]) == pytest.approx(metrics[-1]["comm_mb_total"], abs=0.01)
+
+    second = sweep("--model", str(tiny_model_dir), *common, output_root=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "already completed" in second.stdout
+    assert len(list(csv.DictReader((sweep_dir / "results.csv").open()))) == 2
+
+    evaluated = sweep("--model", str(tiny_model_dir), *common[:-2], "--protocol", "flowertune",
+                      "--eval-only", "--force", output_root=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "training" not in evaluated.stdout
+    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
+    assert rows[str(tiny_model_dir)]["Average"] not in ("", None)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--task", "finance"), "unknown task 'finance'; known tasks: general_nlp"),
+    (("--preset", "gpu-huge"), "unknown preset 'gpu-huge'; known presets:"),
+    (("--data-dir", "/no/such/dir"), "has no alpaca-gpt4/ folder"),
+])
+def test_argument_errors_exit_2_and_write_nothing(args, message, tmp_path):
+    result = sweep("--model", "some/model", *args, output_root=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not any(tmp_path.rglob("results.*"))
