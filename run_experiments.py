@@ -24,7 +24,7 @@ from flowertune_nlp.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
-TASKS_FILE = CONFIGS / "tasks.toml"
+TASKS_FILE = ROOT / "tasks.toml"
 CATEGORY_COLUMNS = (("stem", "STEM"), ("social_sciences", "Social Sciences"),
                     ("humanities", "Humanities"))
 
@@ -91,7 +91,7 @@ def validate(args: argparse.Namespace) -> dict:
     if not args.model:
         raise UsageError("--model is empty")
     if args.preset is not None and not (CONFIGS / f"{args.preset}.toml").is_file():
-        known = sorted(p.stem for p in CONFIGS.glob("*.toml") if p.stem != "tasks")
+        known = sorted(p.stem for p in CONFIGS.glob("*.toml"))
         raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(known)}")
     task = tasks[args.task]
     if args.data_dir is not None:
@@ -147,7 +147,9 @@ def train(model: str, args, task: dict, pair_dir: Path, env) -> dict:
     seconds = time.perf_counter() - start
     record_file = pair_dir / "train" / "run.json"
     if not record_file.is_file():
-        raise RuntimeError(f"training wrote no run.json (exit {code}); see {log_file}")
+        errors = [line for line in log_file.read_text().splitlines() if line.startswith("error:")]
+        reason = errors[-1] if errors else "training wrote no run.json"
+        raise RuntimeError(f"{reason} (exit {code}); see {log_file}")
     record = json.loads(record_file.read_text())
     if code != 0 or record.get("status") != "completed" or not record.get("final_adapter"):
         raise RuntimeError(f"training {record.get('status')}: {record.get('error')}; "
@@ -319,17 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     _sweep_log = sweep_dir / "sweep.log"
     say(f"sweep folder: {sweep_dir}")
     env = environment(args)
-    states = [run_pair(model, args, task, sweep_dir, env) for model in args.model]
-    # Pairs finished by earlier invocations of this run id stay in the table.
-    done = {s["model"] for s in states}
+    requested = [run_pair(model, args, task, sweep_dir, env) for model in args.model]
+    # Pairs of earlier invocations of this run id stay in the table.
+    states = list(requested)
     for state_file in sorted(sweep_dir.glob("*/pair.json")):
         state = json.loads(state_file.read_text())
-        if state["model"] not in done:
+        if state["model"] not in args.model:
             states.append(state)
     rows = write_results(sweep_dir, states)
     say(markdown(rows))
     say(f"results: {sweep_dir / 'results.md'}")
-    return 0 if all(s["status"] == "completed" for s in states) else 1
+    return 0 if all(s["status"] == "completed" for s in requested) else 1
 
 
 if __name__ == "__main__":

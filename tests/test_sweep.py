@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tiny import SHARED_DATA
 
 pytestmark = pytest.mark.slow
