@@ -1,0 +1,49 @@
+import math
+
+import bitsandbytes as bnb
+import pytest
+
+from flowertune_nlp import training
+from flowertune_nlp.config import build_config
+from flowertune_nlp.models import choose_precision, load_tokenizer
+
+
+def test_precision_is_what_the_hardware_offers():
+    assert choose_precision("fp32", 0).bf16 is False
+    auto = choose_precision("auto", 4)
+    assert auto.quantization == 4 and auto.device in ("cpu", "cuda")
+    assert "nf4 4-bit" in auto.describe()
+
+
+def test_pad_token_differs_from_eos(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("quantization", [0, 4])
+def test_client_round_trains_dense_and_4bit_on_cpu(quantization, tiny_model_dir, alpaca_sample):
+    config = build_config({
+        "model.name": str(tiny_model_dir), "model.quantization": quantization,
+        "static.dataset.name": str(alpaca_sample), "train.seq-length": 128,
+        "train.training-arguments.max-steps": 2,
+        "train.training-arguments.per-device-train-batch-size": 2,
+    })
+    client = training.get_client_model(config)
+    q_proj = client.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit) == (quantization == 4)
+    initial = training.lora_state_dict(client.model)
+    result = training.train_round(config, 1, 1, 1e-3, initial)
+    assert math.isfinite(result.train_loss)
+    assert result.precision == client.precision.describe()
+    assert any((result.state[k] - initial[k]).abs().max() > 0 for k in initial)
+
+
+def test_global_adapter_with_wrong_shapes_is_refused(tiny_model_dir, alpaca_sample):
+    config = build_config({"model.name": str(tiny_model_dir), "model.quantization": 0,
+                           "static.dataset.name": str(alpaca_sample)})
+    client = training.get_client_model(config)
+    state = training.lora_state_dict(client.model)
+    key = next(iter(state))
+    state[key] = state[key][:, :-1]
+    with pytest.raises(ValueError, match="wrong shapes"):
+        training.set_lora_state_dict(client.model, state)
