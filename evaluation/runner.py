@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +56,6 @@ class EvalRequest:
     output: str | None = None
     allow_base_mismatch: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -223,7 +222,6 @@ def evaluate(request: EvalRequest) -> dict:
         "shots": request.shots,
         "batch_size": request.batch_size,
         "protocols": {},
-        **request.extra,
     }
     lines: list[str] = []
     for protocol in request.protocols:
