@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 from flowertune_nlp.io import atomic_write_json, atomic_write_text
+from flowertune_nlp.outputs import model_slug
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -109,11 +110,6 @@ def validate(args: argparse.Namespace) -> dict:
     return task
 
 
-def slug(model: str) -> str:
-    name = Path(model.removeprefix("package:")).name.removesuffix(".gguf")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
-
-
 def environment(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", FLWR_TELEMETRY_ENABLED="0",
                PYTHONUNBUFFERED="1")
@@ -130,9 +126,15 @@ def run_logged(command: list[str], log_file: Path, env: dict[str, str]) -> int:
                               cwd=ROOT).returncode
 
 
+def task_source(args, task: dict, key: str) -> str:
+    """The task's `key` source: its folder under --data-dir offline, else its hub id."""
+    if args.data_dir:
+        return str(Path(args.data_dir).resolve() / task[f"local-{key}"])
+    return task[key]
+
+
 def train(model: str, args, task: dict, pair_dir: Path, env) -> dict:
-    dataset = (str(Path(args.data_dir).resolve() / task["local-dataset"]) if args.data_dir
-               else task["dataset"])
+    dataset = task_source(args, task, "dataset")
     overrides = (f'model.name="{model}" static.dataset.name="{dataset}" '
                  f'output-dir="{pair_dir}" run-name="train"')
     command = [sys.executable, "-m", "flowertune_nlp.launch"]
@@ -160,8 +162,7 @@ def train(model: str, args, task: dict, pair_dir: Path, env) -> dict:
 
 
 def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) -> dict:
-    benchmark = (str(Path(args.data_dir).resolve() / task["local-benchmark"]) if args.data_dir
-                 else "cais/mmlu")
+    benchmark = task_source(args, task, "benchmark")
     limit = args.limit_per_subject
     if limit is None and args.preset:
         limit = task.get("evaluation", {}).get("limit-per-subject", {}).get(args.preset)
@@ -169,7 +170,7 @@ def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) ->
     command = [sys.executable, "-m", "evaluation", "--base-model-name-path", model,
                "--peft-path", adapter, "--mmlu-path", benchmark, "--category",
                task["categories"], "--protocol", args.protocol, "--batch-size",
-               str(args.eval_batch_size), "--run-name", slug(model), "--output", str(output),
+               str(args.eval_batch_size), "--run-name", model_slug(model), "--output", str(output),
                "--no-progress"]
     if limit:
         command += ["--limit-per-subject", str(limit)]
@@ -183,7 +184,7 @@ def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) ->
 
 
 def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
-    pair_dir = sweep_dir / slug(model)
+    pair_dir = sweep_dir / model_slug(model)
     state_file = pair_dir / "pair.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if previous.get("status") == "completed" and not args.force:
@@ -260,10 +261,10 @@ def plot(states: list[dict], target: Path) -> None:
         if metrics_file.is_file():
             rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
             rounds = [r["round"] for r in rows]
-            loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label=slug(
+            loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label=model_slug(
                 state["model"]))
             comm_ax.plot(rounds, [r["comm_mb_total"] for r in rows], marker="o",
-                         label=slug(state["model"]))
+                         label=model_slug(state["model"]))
     loss_ax.set(title="Train loss per round", xlabel="round", ylabel="loss")
     comm_ax.set(title="Cumulative communication", xlabel="round", ylabel="MB (2^20 bytes)")
     completed = [s for s in states if s.get("eval_file")]
@@ -276,7 +277,7 @@ def plot(states: list[dict], target: Path) -> None:
                       for key, _ in CATEGORY_COLUMNS]
             xs = [k + i * width + j * width / 2 for k in range(len(CATEGORY_COLUMNS))]
             acc_ax.bar(xs, values, width / 2,
-                       label=f"{slug(state['model'])} ({protocol})",
+                       label=f"{model_slug(state['model'])} ({protocol})",
                        hatch="//" if protocol == "logprob" else None)
     acc_ax.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
     acc_ax.set_xticks(range(len(CATEGORY_COLUMNS)), [t for _, t in CATEGORY_COLUMNS])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from flowertune_nlp.config import AppConfig
+from flowertune_nlp.config import PACKAGE_PREFIX, AppConfig
 from flowertune_nlp.io import atomic_write_dir, atomic_write_json, atomic_write_text
 from flowertune_nlp.models import lora_config
 
@@ -32,9 +32,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def model_slug(name: str) -> str:
+    """A file-name-safe short name for a model (hub id, path, GGUF or package: reference)."""
+    stem = Path(name.removeprefix(PACKAGE_PREFIX)).name.removesuffix(".gguf")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
+
+
 def default_run_name(config: AppConfig) -> str:
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(config.model.name).name.removesuffix(".gguf"))
-    return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{model_slug(config.model.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig) -> None:

@@ -90,9 +90,9 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Overwrite every LoRA tensor; refuse a state with missing, extra or misshapen tensors."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     received = {k: tuple(v.shape) for k, v in state.items()}
     if expected != received:
         missing = sorted(set(expected) - set(received))[:3]
