@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowertune_nlp.faults import Fault, parse_faults
+
 QUANTIZATION_CHOICES = (0, 4, 8)
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 LR_SCHEDULER_CHOICES = ("constant", "linear", "cosine")
@@ -71,11 +73,19 @@ class DatasetSettings:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    resume: str = ""  # a run folder to continue from its last completed round
+    max_empty_rounds: int = 3  # stop after this many rounds in a row without a usable reply
+
+
+@dataclass(frozen=True)
 class AppConfig:
     num_server_rounds: int = 10
     run_name: str = ""
     output_dir: str = "results"
     seed: int = 42
+    run: RunSettings = field(default_factory=RunSettings)
+    faults: tuple[Fault, ...] = ()
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
@@ -96,6 +106,9 @@ _KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "run-name": (("run_name",), str),
     "output-dir": (("output_dir",), str),
     "seed": (("seed",), int),
+    "run.resume": (("run", "resume"), str),
+    "run.max-empty-rounds": (("run", "max_empty_rounds"), int),
+    "faults.inject": (("faults",), Fault),
     "model.name": (("model", "name"), str),
     "model.quantization": (("model", "quantization"), int),
     "model.precision": (("model", "precision"), str),
@@ -123,6 +136,8 @@ _KEYS: dict[str, tuple[tuple[str, ...], type]] = {
 }
 
 RUN_CONFIG_KEYS = tuple(_KEYS)
+# AppConfig attribute path -> run-config key, to name keys the way users write them
+RUN_CONFIG_KEY_BY_PATH = {path: key for key, (path, _) in _KEYS.items()}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -143,6 +158,12 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+    elif kind is Fault:
+        if isinstance(value, str):
+            try:
+                return parse_faults(value)
+            except ValueError as err:
+                raise ConfigError(f"run config key '{key}' = {value!r}: {err}") from None
     elif kind is tuple:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -210,6 +231,15 @@ def validate(config: AppConfig) -> AppConfig:
            "must be in (0, 1]")
     _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction-evaluate", s.fraction_evaluate,
            "must be in [0, 1]")
+    _check(config.run.max_empty_rounds >= 1, "run.max-empty-rounds",
+           config.run.max_empty_rounds, "must be an integer >= 1")
+    if config.run.resume:
+        _check(Path(config.run.resume).expanduser().is_dir(), "run.resume", config.run.resume,
+               "give the folder of an earlier run (the one holding run.json and state/)")
+    bad_partitions = [f for f in config.faults
+                      if f.partition is not None and not 0 <= f.partition < d.num_partitions]
+    _check(not bad_partitions, "faults.inject", bad_partitions,
+           f"partitions must be in [0, static.dataset.num-partitions = {d.num_partitions})")
     _check(d.num_partitions >= 1, "static.dataset.num-partitions", d.num_partitions,
            "must be an integer >= 1")
     for key, name in (("model.name", m.name), ("static.dataset.name", d.name)):

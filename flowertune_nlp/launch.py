@@ -15,9 +15,11 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,12 @@ import tomli_w
 
 from flowertune_nlp.config import ConfigError, build_config
 from flowertune_nlp.outputs import default_run_name
+from flowertune_nlp.run_state import StateError, open_resumable
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FEDERATION = "local"
+# The simulation runtime runs the ServerApp (and Ray); a deployment runs `flwr-serverapp`.
+SERVER_APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
@@ -48,7 +53,7 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def write_federation_config(flwr_home: Path, num_supernodes: int, cpus_per_client: float,
+def write_federation_config(flwr_home: Path, num_supernodes: int, cpus_per_client: int,
                             gpus_per_client: float) -> Path:
     """Flower's connection config for a local simulation with `num_supernodes` virtual nodes."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -103,17 +108,38 @@ def start_superlink(env: dict[str, str], flwr_home: Path, log_file: Path) -> sub
     raise RuntimeError(f"flower-superlink did not start within 60 s; see {log_file}")
 
 
-def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process and all its descendants (SuperExec, simulation runtime, Ray).
+def launched_processes(root: subprocess.Popen, sessions: set[int]) -> list[psutil.Process]:
+    """The root, its descendants, and every process in one of `sessions`.
 
     Flower starts SuperExec detached in its own session, so a process-group kill would miss
-    it; the descendants are collected while the SuperLink is still their ancestor.
+    it. Ray processes whose parent was killed are re-parented to init and are no longer
+    descendants, but they stay in that session.
     """
-    try:
-        root = psutil.Process(process.pid)
-        family = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
+    family: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(root.pid)
+        family.update({p.pid: p for p in [top, *top.children(recursive=True)]})
+    sessions = (sessions | launched_sessions(list(family.values()))) - {os.getsid(0)}
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) in sessions:
+                family[proc.pid] = proc
+    return list(family.values())
+
+
+def launched_sessions(processes: list[psutil.Process]) -> set[int]:
+    sessions = set()
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            sessions.add(os.getsid(proc.pid))
+    return sessions
+
+
+def stop_process_tree(process: subprocess.Popen, sessions: Iterable[int] = (),
+                      grace: float = 10.0) -> None:
+    """Stop a process, all its descendants (SuperExec, simulation runtime, Ray) and every
+    process left in the sessions they opened."""
+    family = launched_processes(process, set(sessions))
     for member in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
@@ -123,6 +149,46 @@ def stop_process_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
             member.kill()
     psutil.wait_procs(alive, timeout=5)
     process.poll()
+
+
+def server_app_alive(superlink: subprocess.Popen) -> bool | None:
+    """Whether the process running the ServerApp is alive; None if it never appeared."""
+    try:
+        descendants = psutil.Process(superlink.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            if any(name in " ".join(proc.cmdline()) for name in SERVER_APP_PROCESSES):
+                return proc.status() != psutil.STATUS_ZOMBIE
+    return None
+
+
+def wait_for_flwr_run(command: list[str], env: dict[str, str], superlink: subprocess.Popen,
+                      sessions: set[int], grace: float = 10.0) -> None:
+    """Run `flwr run` to its end, noting the sessions Flower's processes open. If the process
+    running the ServerApp dies (killed, out of memory), `flwr run --stream` waits for logs
+    forever; stop it `grace` seconds later."""
+    runner = subprocess.Popen(command, env=env, cwd=os.getcwd())
+    seen, gone_since = False, None
+    try:
+        while runner.poll() is None:
+            time.sleep(0.5)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sessions |= launched_sessions(psutil.Process(superlink.pid).children(True))
+            alive = server_app_alive(superlink)
+            seen = seen or bool(alive)
+            if seen and not alive:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > grace:
+                    print("error: the ServerApp process ended but `flwr run` did not; stopping "
+                          "it", file=sys.stderr)
+                    runner.terminate()
+                    runner.wait(timeout=10)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
 
 
 def merge_run_configs(run_configs: list[str]) -> dict:
@@ -148,7 +214,7 @@ class RunOutcome:
 
 
 def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int = 20,
-            cpus_per_client: float = 2, gpus_per_client: float = 0.0) -> RunOutcome:
+            cpus_per_client: int = 2, gpus_per_client: float = 0.0) -> RunOutcome:
     """Validate the config, run it to completion through `flwr run`, stop every process it
     started, and report the run's status from its run.json (`flwr run` exits 0 even when the
     ServerApp fails)."""
@@ -157,12 +223,20 @@ def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int
         config = build_config(overrides)
     except ConfigError as err:
         return RunOutcome(2, None, "rejected", str(err))
-    if not config.run_name:
-        overrides["run-name"] = default_run_name(config)
-    run_dir = (Path(config.output_dir).expanduser() / overrides["run-name"]).resolve()
-    if (run_dir / "run.json").exists():
-        return RunOutcome(2, run_dir, "rejected", f"run folder {run_dir} already holds a run; "
-                          "choose another run-name")
+    if config.run.resume:
+        try:
+            run_dir, state, _ = open_resumable(config)
+        except StateError as err:
+            return RunOutcome(2, Path(config.run.resume), "rejected", str(err))
+        print(f"resuming {run_dir} after round {state.server_round}", file=sys.stderr)
+    else:
+        if not config.run_name:
+            overrides["run-name"] = default_run_name(config)
+        run_dir = (Path(config.output_dir).expanduser() / overrides["run-name"]).resolve()
+        if (run_dir / "run.json").exists():
+            return RunOutcome(2, run_dir, "rejected", f"run folder {run_dir} already holds a "
+                              "run; choose another run-name, or resume it with "
+                              f'run.resume="{run_dir}"')
 
     flwr_home = Path(os.environ.get("FLOWERTUNE_FLWR_HOME", app_dir / ".flwr"))
     write_federation_config(flwr_home, num_supernodes, cpus_per_client, gpus_per_client)
@@ -170,18 +244,23 @@ def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int
     merged.write_text(tomli_w.dumps(overrides))
     env = flower_environment(flwr_home)
     superlink = start_superlink(env, flwr_home, flwr_home / "local-superlink" / "superlink.log")
+    sessions: set[int] = set()
     try:
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
                    "--stream", "--run-config", str(merged)]
-        subprocess.run(command, env=env, cwd=os.getcwd())
+        wait_for_flwr_run(command, env, superlink, sessions)
     finally:
-        stop_process_tree(superlink)
+        stop_process_tree(superlink, sessions)
         merged.unlink(missing_ok=True)
     try:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         return RunOutcome(1, run_dir, "failed", f"the run left no readable {run_dir}/run.json")
     status = record.get("status", "unknown")
+    if status == "running":  # the ServerApp died without recording an outcome
+        return RunOutcome(1, run_dir, "interrupted", "the ServerApp stopped before the run "
+                          "finished (killed or out of memory?); continue it with "
+                          f'run.resume="{run_dir}"')
     return RunOutcome(0 if status == "completed" else 1, run_dir, status, record.get("error"))
 
 
@@ -192,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a TOML file or 'key=value' overrides, as for `flwr run`; repeatable")
     parser.add_argument("--num-supernodes", type=int, default=20,
                         help="virtual clients; must equal static.dataset.num-partitions")
-    parser.add_argument("--cpus-per-client", type=float, default=2,
+    # Flower wants a whole number here ("'float' object cannot be interpreted as an integer").
+    parser.add_argument("--cpus-per-client", type=int, default=2,
                         help="Ray CPUs per client; total CPUs / this = clients training at once")
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray GPUs per client (default: 1 if CUDA is available, else 0)")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     gpus = args.gpus_per_client
     if gpus is None:
         import torch

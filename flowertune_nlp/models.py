@@ -196,3 +196,16 @@ def add_lora(model, settings: LoraSettings):
             f"model.lora.target-modules = {','.join(settings.target_modules)!r} does not match "
             f"this model's modules: {err}"
         ) from err
+
+
+def adapter_shapes(model_path: str, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the LoRA adapter for this base model, from its config alone:
+    the model is built on the meta device, so this costs no weights and no memory."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)),
+                         settings)
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}

@@ -94,11 +94,38 @@ class RunOutputs:
         outputs.write_record()
         return outputs
 
+    @classmethod
+    def resume(cls, config: AppConfig, run_dir: Path, metrics: list[dict],
+               changed_keys: list[str]) -> RunOutputs:
+        """Reopen an earlier run's folder; metrics.jsonl is rewritten to the saved rounds, so
+        rows of a round that was cut short do not appear twice."""
+        record_file = run_dir / "run.json"
+        try:
+            record = json.loads(record_file.read_text())
+            record["resumes"] = list(record.get("resumes", []))
+        except (OSError, ValueError, AttributeError) as err:
+            raise FileNotFoundError(f"{record_file} is missing or corrupt ({err}); it is not a "
+                                    "resumable run folder") from None
+        outputs = cls(run_dir, config, list(metrics), record)
+        record["resumes"].append({
+            "from_round": len(metrics),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changed_keys": changed_keys,
+            "previous_status": record.get("status"),
+        })
+        record.update(status="running", config=config.to_dict(), error=None)
+        outputs.write_record()
+        outputs.write_metrics()
+        return outputs
+
     def write_record(self) -> None:
         atomic_write_json(self.directory / "run.json", self.record)
 
     def append_metrics(self, row: dict) -> None:
         self.metrics.append(row)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics)
         atomic_write_text(self.directory / "metrics.jsonl", lines)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import random
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -19,8 +18,10 @@ from flowertune_nlp.models import (
     load_base_model,
     resolve_model_path,
 )
+from flowertune_nlp.nodes import discover_partitions
 from flowertune_nlp.outputs import RunOutputs
-from flowertune_nlp.strategy import FlowerTuneFedAvg
+from flowertune_nlp.run_state import open_resumable
+from flowertune_nlp.strategy import FlowerTuneFedAvg, RunStopped
 from flowertune_nlp.training import lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,31 @@ def initial_adapter(config: AppConfig) -> dict[str, torch.Tensor]:
 def main(grid: Grid, context: Context) -> None:
     use_flower_log_handlers()
     config = build_config(context.run_config)
-    random.seed(config.seed)  # Flower samples clients with the `random` module
-    outputs = RunOutputs.create(config)
+    if config.run.resume:
+        # Every check runs before the run folder is touched: a refused resume changes nothing.
+        run_dir, resumed, changed = open_resumable(config)
+        if changed:
+            log.warning("resuming with changed settings %s: the run continues, but not exactly "
+                        "as the original would have", changed)
+        outputs = RunOutputs.resume(config, run_dir, resumed.metrics, changed)
+        log.info("resuming %s after round %d", run_dir, resumed.server_round)
+    else:
+        resumed = None
+        outputs = RunOutputs.create(config)
     log.info("run folder: %s", outputs.directory)
     try:
-        strategy = FlowerTuneFedAvg(config, outputs)
+        initial = resumed.global_state if resumed else initial_adapter(config)
+        partitions = discover_partitions(grid, config.dataset.num_partitions)
+        strategy = FlowerTuneFedAvg(config, outputs, partitions, resumed)
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(initial_adapter(config)),
-            num_rounds=config.num_server_rounds,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=strategy.rounds_left,
             train_config=ConfigRecord(),
         )
+    except RunStopped as err:
+        outputs.finish("stopped", error=str(err))
+        raise
     except BaseException as err:
         outputs.finish("failed", error=f"{type(err).__name__}: {err}")
         raise

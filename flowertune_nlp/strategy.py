@@ -1,22 +1,36 @@
-"""FedAvg over LoRA state dicts, plus the round schedule, communication ledger, metrics and
-checkpoints. Aggregation itself is Flower's FedAvg."""
+"""FedAvg over LoRA state dicts, plus the round schedule, reply screening, communication ledger,
+metrics, checkpoints and the per-round resumable state. Aggregation itself is Flower's FedAvg."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from safetensors import SafetensorError
 
+from flowertune_nlp import faults
 from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger
 from flowertune_nlp.config import AppConfig
+from flowertune_nlp.nodes import sample_partitions
 from flowertune_nlp.outputs import RunOutputs
+from flowertune_nlp.run_state import RoundState, save_round_state
 
 log = logging.getLogger(__name__)
+
+
+class RoundSaveError(RuntimeError):
+    """A round's checkpoint or state could not be written (disk full, I/O error)."""
+
+
+class RunStopped(RuntimeError):
+    """Too many rounds in a row had no usable reply; the state is saved and resumable."""
 
 
 def round_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
@@ -24,10 +38,40 @@ def round_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_mi
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / num_rounds))
 
 
-class FlowerTuneFedAvg(FedAvg):
-    """FedAvg that also keeps the ledger, writes metrics.jsonl and saves PEFT checkpoints."""
+def screen_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Why a client's adapter must not be averaged in (wrong keys, shapes, non-finite values),
+    or None when it is sound."""
+    if set(update) != set(reference):
+        missing = sorted(set(reference) - set(update))[:2]
+        extra = sorted(set(update) - set(reference))[:2]
+        return f"wrong keys: missing {missing}, unexpected {extra}"
+    for key, array in update.items():
+        if tuple(array.shape) != tuple(reference[key].shape):
+            return f"wrong shape for {key}: {tuple(array.shape)}, expected " \
+                   f"{tuple(reference[key].shape)}"
+        if not np.isfinite(array.numpy()).all():
+            return f"non-finite values in {key}"
+    return None
 
-    def __init__(self, config: AppConfig, outputs: RunOutputs) -> None:
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The client's own error message out of the Ray traceback Flower wraps it in."""
+    marker = "Message: "
+    text = reason[reason.rindex(marker) + len(marker):] if marker in reason else reason
+    text = text.strip().rstrip("'>").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class FlowerTuneFedAvg(FedAvg):
+    """FedAvg that samples partitions reproducibly, screens replies, keeps the ledger, writes
+    metrics.jsonl, saves PEFT checkpoints and the resumable state after every round.
+
+    Flower's `Strategy.start` always counts rounds from 1; a resumed run passes the number of
+    rounds left and `resumed`, and every round number here is shifted by the resumed round.
+    """
+
+    def __init__(self, config: AppConfig, outputs: RunOutputs, partition_nodes: dict[int, int],
+                 resumed: RoundState | None = None) -> None:
         super().__init__(
             fraction_train=config.strategy.fraction_train,
             fraction_evaluate=config.strategy.fraction_evaluate,
@@ -37,60 +81,123 @@ class FlowerTuneFedAvg(FedAvg):
         )
         self.config = config
         self.outputs = outputs
-        self.ledger = CommLedger()
+        self.partition_nodes = partition_nodes
+        self.node_partitions = {node: p for p, node in partition_nodes.items()}
+        self.round_offset = resumed.server_round if resumed else 0
+        self.ledger = resumed.ledger if resumed else CommLedger()
+        self.empty_rounds = resumed.empty_rounds if resumed else 0
         self.global_arrays: ArrayRecord | None = None
         self._round_started = 0.0
         self._round_lr = 0.0
+        self._sampled: list[int] = []
+
+    @property
+    def rounds_left(self) -> int:
+        return self.config.num_server_rounds - self.round_offset
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         t = self.config.train
+        self._round_started = time.perf_counter()
         self._round_lr = round_learning_rate(
             server_round, self.config.num_server_rounds, t.learning_rate_max, t.learning_rate_min
         )
+        self._sampled = sample_partitions(self.config.seed, server_round,
+                                          self.config.dataset.num_partitions,
+                                          self.config.clients_per_round)
+        log.info("round %d/%d: partitions %s train at lr %.3g", server_round,
+                 self.config.num_server_rounds, self._sampled, self._round_lr)
+        config["server-round"] = server_round
         config["lr"] = self._round_lr
-        self._round_started = time.perf_counter()
         self.global_arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(
+            record, [self.partition_nodes[p] for p in self._sampled], MessageType.TRAIN))
         self.ledger.record_download(server_round, arrays, len(messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         succeeded = [m for m in replies if not m.has_error()]
-        failures = [m.error.reason for m in replies if m.has_error()]
-        self.ledger.record_uploads(
-            server_round, [m.content.array_records["arrays"] for m in succeeded]
-        )
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        failures = [f"partition {self.node_partitions.get(m.metadata.src_node_id, '?')}: "
+                    f"{short_reason(m.error.reason)}" for m in replies if m.has_error()]
+        failures += ["no reply"] * (len(self._sampled) - len(replies))
+        received = [m.content.array_records[self.arrayrecord_key] for m in succeeded]
+        self.ledger.record_uploads(server_round, received)
+        accepted, rejections = [], []
+        for message, update in zip(succeeded, received, strict=True):
+            reason = screen_update(update, self.global_arrays)
+            if reason is None:
+                accepted.append(message)
+            else:
+                partition = self.node_partitions[message.metadata.src_node_id]
+                rejections.append(f"partition {partition}: {reason}")
+                log.warning("round %d: rejected an update (%s)", server_round, rejections[-1])
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None:
-            log.warning("round %d: no successful reply; keeping the previous global adapter",
-                        server_round)
+            self.empty_rounds += 1
+            log.warning("round %d: no usable reply (%d failed, %d rejected); keeping the previous "
+                        "global adapter", server_round, len(failures), len(rejections))
             arrays = self.global_arrays
+        else:
+            self.empty_rounds = 0
         self.global_arrays = arrays
-        self._log_round(server_round, succeeded, failures, metrics)
-        last = server_round == self.config.num_server_rounds
-        if server_round % self.config.train.save_every_round == 0 or last:
-            path = self.outputs.save_checkpoint(server_round, arrays.to_torch_state_dict())
-            log.info("round %d: saved global adapter to %s", server_round, path)
+        self._finish_round(server_round, arrays, accepted, failures, rejections, metrics)
+        if self.empty_rounds >= self.config.run.max_empty_rounds:
+            raise RunStopped(
+                f"{self.empty_rounds} rounds in a row (up to round {server_round}) had no usable "
+                f"client reply (run.max-empty-rounds = {self.config.run.max_empty_rounds}); last "
+                f"failures {failures[:2]}, rejections {rejections[:2]}. The state of round "
+                f"{server_round} is saved: fix the clients, then resume with "
+                f"run.resume=\"{self.outputs.directory}\""
+            )
         return arrays, metrics
 
-    def _log_round(self, server_round, succeeded, failures, metrics) -> None:
-        client_metrics = [m.content.metric_records["metrics"] for m in succeeded]
+    def _finish_round(self, server_round, arrays, accepted, failures, rejections, metrics) -> None:
+        """Write checkpoint, metrics row and resumable state, in that order: the state is what a
+        resume trusts, so it is written last, once everything else of the round is on disk."""
+        last = server_round == self.config.num_server_rounds
+        disk_full = faults.server_disk_full(self.config.faults, server_round)
+        try:
+            with faults.simulated_disk_full() if disk_full else contextlib.nullcontext():
+                state = arrays.to_torch_state_dict()
+                if server_round % self.config.train.save_every_round == 0 or last:
+                    path = self.outputs.save_checkpoint(server_round, state)
+                    log.info("round %d: saved global adapter to %s", server_round, path)
+                self._log_round(server_round, accepted, failures, rejections, metrics)
+                save_round_state(self.outputs.directory, RoundState(
+                    server_round, state, self.config.to_dict(), self.ledger,
+                    self.outputs.metrics, self.empty_rounds))
+        except (OSError, SafetensorError) as err:
+            kept = (f"the state of round {server_round - 1} is intact: free disk space, then "
+                    f'resume with run.resume="{self.outputs.directory}"' if server_round > 1
+                    else "no round was saved yet: free disk space and start the run again")
+            raise RoundSaveError(f"saving round {server_round} in {self.outputs.directory} "
+                                 f"failed ({err}); no complete file was replaced and {kept}"
+                                 ) from err
+
+    def _log_round(self, server_round, accepted, failures, rejections, metrics) -> None:
+        client_metrics = [m.content.metric_records["metrics"] for m in accepted]
         round_mb = self.ledger.round_bytes(server_round) / MB
         total_mb = self.ledger.total_bytes / MB
         row = {
             "round": server_round,
+            "partitions": self._sampled,
             "train_loss": None if metrics is None else float(metrics["train_loss"]),
-            "clients": len(succeeded),
+            "clients": len(accepted),
             "failures": len(failures),
             "failure_reasons": failures,
+            "rejected": len(rejections),
+            "rejection_reasons": rejections,
+            "kept_previous_global": not accepted,
             "examples": int(sum(m["num-examples"] for m in client_metrics)),
             "examples_dropped": int(sum(m["examples-dropped"] for m in client_metrics)),
             "client_seconds_max": max((float(m["seconds"]) for m in client_metrics), default=0.0),
             "precision": sorted({m.content.config_records["info"]["precision"]
-                                 for m in succeeded}),
+                                 for m in accepted}),
             "learning_rate": self._round_lr,
             "comm_bytes_round": self.ledger.round_bytes(server_round),
             "comm_bytes_total": self.ledger.total_bytes,
@@ -100,7 +207,8 @@ class FlowerTuneFedAvg(FedAvg):
         }
         self.outputs.append_metrics(row)
         log.info(
-            "round %d: loss %s, %d clients (%d failed), comm %.2f MB this round, %.2f MB total "
-            "(%.4f%% of the %.0f MB budget)", server_round, row["train_loss"], row["clients"],
-            row["failures"], round_mb, total_mb, 100 * total_mb / BUDGET_MB, BUDGET_MB,
+            "round %d: loss %s, %d clients (%d failed, %d rejected), comm %.2f MB this round, "
+            "%.2f MB total (%.4f%% of the %.0f MB budget)", server_round, row["train_loss"],
+            row["clients"], row["failures"], row["rejected"], round_mb, total_mb,
+            100 * total_mb / BUDGET_MB, BUDGET_MB,
         )

@@ -89,7 +89,8 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    """Overwrite every LoRA tensor; refuse a state with missing, extra or misshapen tensors."""
+    """Overwrite every LoRA tensor; refuse a state with missing, extra, misshapen or
+    non-finite tensors."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
@@ -102,6 +103,9 @@ def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
             f"adapter does not fit this model: missing {missing}, unexpected {extra}, "
             f"wrong shapes {shapes}"
         )
+    non_finite = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if non_finite:
+        raise ValueError(f"adapter has non-finite values in {non_finite[:3]}")
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -2,11 +2,10 @@
 
 import hashlib
 import json
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from flower_runs import flower_processes, tiny_run_config
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -15,27 +14,6 @@ from flowertune_nlp.comm import expected_total_bytes
 from flowertune_nlp.launch import APP_DIR, run_app
 
 pytestmark = pytest.mark.slow
-FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet",
-                    "gcs_server")
-
-
-def flower_processes() -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in FLOWER_PROCESSES):
-            found.append(cmdline[:120])
-    return found
-
-
-def tiny_run_config(model_dir: Path, data: Path, out: Path, name: str) -> list[str]:
-    return [
-        f'num-server-rounds=2 model.name="{model_dir}" model.quantization=0 '
-        f'static.dataset.name="{data}" train.seq-length=128 train.save-every-round=1 '
-        "train.training-arguments.max-steps=2 "
-        "train.training-arguments.per-device-train-batch-size=2 "
-        f'output-dir="{out}" run-name="{name}"'
-    ]
 
 
 def test_two_round_simulation_saves_reloadable_adapter(tiny_model_dir, alpaca_sample, tmp_path):

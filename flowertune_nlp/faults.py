@@ -1,0 +1,128 @@
+"""Deliberate faults, selected by the `faults.inject` run-config key, so tests (and users checking
+their own deployment) can watch the run survive them through a real Flower simulation.
+
+The key is a comma-separated list of `KIND:PARTITION:ROUND` entries; `*` matches any partition
+or round. Client kinds act in the ClientApp of that partition in that round:
+
+- `raise`  the client raises before training (as an out-of-memory error or bad data would);
+- `stall`  the client sleeps for a minute before training (tests kill the server meanwhile);
+- `nan`    the client replies with a NaN in its adapter;
+- `shape`  the client replies with one tensor of the wrong shape;
+- `keys`   the client replies with one tensor under a key the model does not have.
+
+Server kind (PARTITION must be `*`):
+
+- `disk-full` the server's saves in that round fail part-way through writing a file, as on a
+  full disk (the process's file-size limit is lowered, so the OS itself refuses the write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+CLIENT_KINDS = ("raise", "stall", "nan", "shape", "keys")
+SERVER_KINDS = ("disk-full",)
+STALL_SECONDS = 60.0
+DISK_FULL_BYTES = 512  # small enough that any adapter file write fails part-way
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a client told to fail by `faults.inject`."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    partition: int | None  # None: every partition
+    server_round: int | None  # None: every round
+
+    def matches(self, partition: int | None, server_round: int) -> bool:
+        return (self.partition is None or self.partition == partition) and (
+            self.server_round is None or self.server_round == server_round
+        )
+
+
+def parse_faults(spec: str) -> tuple[Fault, ...]:
+    """Parse `faults.inject`; raise ValueError with the offending entry and the grammar."""
+    faults = []
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        fields = entry.split(":")
+        grammar = (f"expected KIND:PARTITION:ROUND with KIND one of "
+                   f"{', '.join(CLIENT_KINDS + SERVER_KINDS)} and '*' or an integer for "
+                   f"PARTITION and ROUND, e.g. 'raise:0:2' or 'disk-full:*:3'")
+        if len(fields) != 3 or fields[0] not in CLIENT_KINDS + SERVER_KINDS:
+            raise ValueError(f"fault {entry!r}: {grammar}")
+        kind, partition, server_round = fields
+        try:
+            fault = Fault(kind, None if partition == "*" else int(partition),
+                          None if server_round == "*" else int(server_round))
+        except ValueError:
+            raise ValueError(f"fault {entry!r}: {grammar}") from None
+        if kind in SERVER_KINDS and fault.partition is not None:
+            raise ValueError(f"fault {entry!r}: {kind} happens on the server; use '*' as "
+                             "PARTITION")
+        faults.append(fault)
+    return tuple(faults)
+
+
+def client_fault(faults: tuple[Fault, ...], partition: int, server_round: int) -> str | None:
+    """The first client fault planned for this partition and round, if any."""
+    for fault in faults:
+        if fault.kind in CLIENT_KINDS and fault.matches(partition, server_round):
+            return fault.kind
+    return None
+
+
+def before_training(kind: str | None, partition: int, server_round: int) -> None:
+    if kind == "raise":
+        raise InjectedFault(f"injected failure (faults.inject) in partition {partition}, "
+                            f"round {server_round}")
+    if kind == "stall":
+        time.sleep(STALL_SECONDS)
+
+
+def corrupt_reply(kind: str | None, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter a faulty client sends instead of its real one."""
+    if kind not in ("nan", "shape", "keys"):
+        return state
+    state = dict(state)
+    key = next(iter(state))
+    if kind == "nan":
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan")
+    elif kind == "shape":
+        state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])
+    else:
+        state[key.replace("lora_A", "lora_Z", 1) + ".injected"] = state.pop(key)
+    return state
+
+
+def server_disk_full(faults: tuple[Fault, ...], server_round: int) -> bool:
+    return any(f.kind == "disk-full" and f.matches(None, server_round) for f in faults)
+
+
+@contextlib.contextmanager
+def simulated_disk_full() -> Iterator[None]:
+    """Make every file write past DISK_FULL_BYTES fail with EFBIG ("File too large"), as a
+    full disk fails with ENOSPC, and restore the limit afterwards.
+
+    CPython ignores SIGXFSZ at start-up, so the write fails with an error instead of the
+    signal killing the process; the check below keeps it that way.
+    """
+    if signal.getsignal(signal.SIGXFSZ) != signal.SIG_IGN:
+        raise RuntimeError("cannot simulate a full disk: SIGXFSZ is not ignored in this process")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
