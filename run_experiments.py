@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-id", default=None, help="sweep folder name (default: a timestamp)")
     parser.add_argument("--force", action="store_true",
                         help="redo pairs that already completed in this run id")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue unfinished pairs of this --run-id where they stopped: "
+                        "training from its last saved round, evaluation of a finished training")
     parser.add_argument("--output-root", default=str(ROOT / "experiment_results"),
                         help="where <task>/<run-id>/ folders go")
     args = parser.parse_args(argv)
@@ -103,6 +106,10 @@ def validate(args: argparse.Namespace) -> dict:
                                  "../shared/data (alpaca-gpt4/*.json, mmlu/test/*.csv)")
     if args.eval_only and args.peft_path and not Path(args.peft_path).is_dir():
         raise UsageError(f"--peft-path {args.peft_path} is not a folder")
+    if args.resume and not args.run_id:
+        raise UsageError("--resume needs the --run-id of the sweep to continue")
+    if args.resume and (args.eval_only or args.force):
+        raise UsageError("--resume cannot be combined with --eval-only or --force")
     if args.eval_only and args.peft_path and len(args.model) != 1:
         raise UsageError("--peft-path with --eval-only takes exactly one --model")
     if args.run_id and not re.fullmatch(r"[A-Za-z0-9._-]+", args.run_id):
@@ -133,32 +140,51 @@ def task_source(args, task: dict, key: str) -> str:
     return task[key]
 
 
-def train(model: str, args, task: dict, pair_dir: Path, env) -> dict:
-    dataset = task_source(args, task, "dataset")
-    overrides = (f'model.name="{model}" static.dataset.name="{dataset}" '
-                 f'output-dir="{pair_dir}" run-name="train"')
-    command = [sys.executable, "-m", "flowertune_nlp.launch"]
-    if args.preset:
-        command += ["--run-config", str(CONFIGS / f"{args.preset}.toml")]
-    for extra in args.run_config:
-        command += ["--run-config", extra]
-    command += ["--run-config", overrides]
+def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> dict:
+    """Train through the launcher; with `resume`, continue the pair's saved run instead."""
+    run_dir = pair_dir / "train"
+    record_file = run_dir / "run.json"
     log_file = pair_dir / "train.log"
-    start = time.perf_counter()
-    code = run_logged(command, log_file, env)
-    seconds = time.perf_counter() - start
-    record_file = pair_dir / "train" / "run.json"
-    if not record_file.is_file():
-        errors = [line for line in log_file.read_text().splitlines() if line.startswith("error:")]
-        reason = errors[-1] if errors else "training wrote no run.json"
-        raise RuntimeError(f"{reason} (exit {code}); see {log_file}")
+    seconds = 0.0
+    if not (resume and read_status(record_file) == "completed"):
+        dataset = task_source(args, task, "dataset")
+        overrides = (f'model.name="{model}" static.dataset.name="{dataset}" '
+                     f'output-dir="{pair_dir}" run-name="{run_dir.name}"')
+        if resume:
+            overrides += f' run.resume="{run_dir}"'
+        command = [sys.executable, "-m", "flowertune_nlp.launch"]
+        if args.preset:
+            command += ["--run-config", str(CONFIGS / f"{args.preset}.toml")]
+        for extra in args.run_config:
+            command += ["--run-config", extra]
+        command += ["--run-config", overrides]
+        start = time.perf_counter()
+        code = run_logged(command, log_file, env)
+        seconds = time.perf_counter() - start
+        if not record_file.is_file():
+            errors = [line for line in log_file.read_text().splitlines()
+                      if line.startswith("error:")]
+            reason = errors[-1] if errors else "training wrote no run.json"
+            raise RuntimeError(f"{reason} (exit {code}); see {log_file}")
+    else:
+        code = 0
+        say(f"[{model}] training already completed; evaluating its adapter")
     record = json.loads(record_file.read_text())
     if code != 0 or record.get("status") != "completed" or not record.get("final_adapter"):
+        hint = (f"; continue with --resume --run-id {pair_dir.parent.name}"
+                if (run_dir / "state").is_dir() else "")
         raise RuntimeError(f"training {record.get('status')}: {record.get('error')}; "
-                           f"see {log_file}")
+                           f"see {log_file}{hint}")
     return {"train_seconds": seconds, "adapter": record["final_adapter"],
             "rounds": record.get("rounds"), "comm_mb": record.get("comm_mb_total"),
-            "metrics_file": str(pair_dir / "train" / "metrics.jsonl")}
+            "metrics_file": str(run_dir / "metrics.jsonl")}
+
+
+def read_status(record_file: Path) -> str | None:
+    try:
+        return json.loads(record_file.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) -> dict:
@@ -190,7 +216,8 @@ def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
     if previous.get("status") == "completed" and not args.force:
         say(f"[{model}] already completed in this run id; skipping (use --force to redo)")
         return previous
-    if pair_dir.exists() and not args.eval_only:
+    resume = args.resume and (pair_dir / "train" / "run.json").is_file()
+    if pair_dir.exists() and not args.eval_only and not resume:
         # Keep what an earlier attempt wrote; a new training needs a fresh folder.
         pair_dir.rename(pair_dir.with_name(f"{pair_dir.name}.attempt-{time.strftime('%H%M%S')}"))
     pair_dir.mkdir(parents=True, exist_ok=True)
@@ -204,8 +231,11 @@ def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
             state.update({k: v for k, v in previous.items() if k not in state})
             state["adapter"] = adapter
         else:
-            say(f"[{model}] training (log: {pair_dir / 'train.log'})")
-            state.update(train(model, args, task, pair_dir, env))
+            say(f"[{model}] {'resuming ' if resume else ''}training "
+                f"(log: {pair_dir / 'train.log'})")
+            state.update(train(model, args, task, pair_dir, env, resume))
+            if resume:  # an earlier attempt's training time, where it finished training
+                state["train_seconds"] += previous.get("train_seconds", 0.0)
         say(f"[{model}] evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
         state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))
         state["status"] = "completed"

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,11 +198,23 @@ def merge_run_configs(run_configs: list[str]) -> dict:
     `flwr run` refuses a TOML file alongside key-value pairs; a preset plus a local dataset
     path is exactly what an offline user needs, so the launcher merges them first.
     """
+    import click
     from flwr.common.config import parse_config_args
 
     merged: dict = {}
     for run_config in run_configs:
-        merged.update(parse_config_args([run_config]))
+        # Flower silently skips text that is not key=value (`seed=` would start a run on the
+        # defaults), so every whitespace-separated token, quoted values emptied, must be one.
+        tokens = re.sub(r"'[^']*'|\"[^\"]*\"", '""', run_config).split()
+        stray = [t for t in tokens if not re.fullmatch(r"[^=\s]+=\S+", t)]
+        if not run_config.endswith(".toml") and stray:
+            raise ConfigError(f"--run-config {run_config!r}: {stray[0]!r} is not key=value; "
+                              'write e.g. seed=7 or model.name="path/to/model"')
+        try:
+            merged.update(parse_config_args([run_config]))
+        except (click.ClickException, ValueError, OSError) as err:
+            message = err.format_message() if isinstance(err, click.ClickException) else err
+            raise ConfigError(f"--run-config {run_config!r}: {message}") from None
     return merged
 
 
@@ -218,8 +231,8 @@ def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int
     """Validate the config, run it to completion through `flwr run`, stop every process it
     started, and report the run's status from its run.json (`flwr run` exits 0 even when the
     ServerApp fails)."""
-    overrides = merge_run_configs(run_configs)
     try:
+        overrides = merge_run_configs(run_configs)
         config = build_config(overrides)
     except ConfigError as err:
         return RunOutcome(2, None, "rejected", str(err))

@@ -75,3 +75,12 @@ def test_failing_run_is_reported_failed(tmp_path, alpaca_sample):
     assert (outcome.exit_code, outcome.status) == (1, "failed")
     assert json.loads((tmp_path / "broken" / "run.json").read_text())["status"] == "failed"
     assert flower_processes() == []
+
+
+@pytest.mark.parametrize("run_config", ["num-server-rounds=4 num-server-rounds=2",
+                                        "seed=", "configs/no-such-preset.toml"])
+def test_malformed_run_config_is_rejected(run_config):
+    outcome = run_app([run_config])
+    assert (outcome.exit_code, outcome.status) == (2, "rejected")
+    assert outcome.error.startswith(f"--run-config {run_config!r}: ")
+    assert flower_processes() == []

@@ -5,7 +5,8 @@ import pytest
 
 from flowertune_nlp import training
 from flowertune_nlp.config import build_config
-from flowertune_nlp.models import choose_precision, load_tokenizer
+from flowertune_nlp.faults import corrupt_reply
+from flowertune_nlp.models import adapter_shapes, choose_precision, load_tokenizer
 
 
 def test_precision_is_what_the_hardware_offers():
@@ -38,12 +39,21 @@ def test_client_round_trains_dense_and_4bit_on_cpu(quantization, tiny_model_dir,
     assert any((result.state[k] - initial[k]).abs().max() > 0 for k in initial)
 
 
-def test_global_adapter_with_wrong_shapes_is_refused(tiny_model_dir, alpaca_sample):
+@pytest.mark.parametrize("defect, message", [
+    ("shape", "wrong shapes"), ("keys", "unexpected"), ("nan", "non-finite values")])
+def test_defective_global_adapter_is_refused(defect, message, tiny_model_dir, alpaca_sample):
     config = build_config({"model.name": str(tiny_model_dir), "model.quantization": 0,
                            "static.dataset.name": str(alpaca_sample)})
     client = training.get_client_model(config)
-    state = training.lora_state_dict(client.model)
-    key = next(iter(state))
-    state[key] = state[key][:, :-1]
-    with pytest.raises(ValueError, match="wrong shapes"):
-        training.set_lora_state_dict(client.model, state)
+    good = training.lora_state_dict(client.model)
+    with pytest.raises(ValueError, match=message):
+        training.set_lora_state_dict(client.model, corrupt_reply(defect, good))
+    training.set_lora_state_dict(client.model, good)  # the sound adapter still loads
+
+
+def test_adapter_shapes_from_config_match_the_loaded_model(tiny_model_dir, alpaca_sample):
+    config = build_config({"model.name": str(tiny_model_dir), "model.quantization": 0,
+                           "static.dataset.name": str(alpaca_sample)})
+    loaded = training.lora_state_dict(training.get_client_model(config).model)
+    assert adapter_shapes(str(tiny_model_dir), config.model.lora) == {
+        k: tuple(v.shape) for k, v in loaded.items()}

@@ -58,10 +58,32 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     assert rows[str(tiny_model_dir)]["Average"] not in ("", None)
 
 
+def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
+    common = ("--model", str(tiny_model_dir), "--task", "general_nlp", "--data-dir",
+              str(SHARED_DATA), "--run-id", "r1", "--limit-per-subject", "1",
+              "--protocol", "logprob")
+    two_rounds = TINY_OVERRIDES.replace("num-server-rounds=1", "num-server-rounds=2")
+    stopped = sweep(*common, "--run-config",
+                    f'{two_rounds} faults.inject="raise:*:1" run.max-empty-rounds=1',
+                    output_root=tmp_path)
+    assert stopped.returncode == 1
+    assert "--resume --run-id r1" in stopped.stdout
+    train_dir = tmp_path / "general_nlp" / "r1" / tiny_model_dir.name / "train"
+    assert json.loads((train_dir / "run.json").read_text())["status"] == "stopped"
+
+    resumed = sweep(*common, "--run-config", two_rounds, "--resume", output_root=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming training" in resumed.stdout
+    rows = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients"]) for r in rows] == [(1, 0), (2, 2)]
+    assert not list(train_dir.parent.parent.glob("*.attempt-*"))  # resumed in place
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--task", "finance"), "unknown task 'finance'; known tasks: general_nlp"),
     (("--preset", "gpu-huge"), "unknown preset 'gpu-huge'; known presets:"),
     (("--data-dir", "/no/such/dir"), "has no alpaca-gpt4/ folder"),
+    (("--resume",), "--resume needs the --run-id"),
 ])
 def test_argument_errors_exit_2_and_write_nothing(args, message, tmp_path):
     result = sweep("--model", "some/model", *args, output_root=tmp_path)
