@@ -20,7 +20,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from flowertune_nlp.io import atomic_write_json, atomic_write_text
+from flowertune_nlp.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from flowertune_nlp.outputs import model_slug
 
 ROOT = Path(__file__).resolve().parent
@@ -320,9 +320,7 @@ def plot(states: list[dict], target: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp = target.with_suffix(".png.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, target)
+    atomic_write_bytes(target, buffer.getvalue())
 
 
 def write_results(sweep_dir: Path, states: list[dict]) -> list[dict]:

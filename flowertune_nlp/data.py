@@ -1,4 +1,5 @@
-"""Client data: IID partitions (flwr-datasets), Alpaca prompts, tokenisation with loss masks."""
+"""Client data: IID partitions (flwr-datasets), Alpaca or chat-template prompts, tokenisation
+with loss masks."""
 
 from __future__ import annotations
 
@@ -82,11 +83,26 @@ class TokenizedPartition:
         return self.dropped_empty + self.dropped_truncated
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict | None:
+def chat_prompt(tokenizer, instruction: str, context: str | None, keep_input: bool) -> str:
+    """The model's own chat template around the instruction (and input), up to the point where
+    the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("static.dataset.prompt-template = \"chat\" needs a tokenizer with a "
+                         "chat template, and this model's has none; use \"alpaca\"")
+    content = instruction.strip()
+    if keep_input and context and context.strip():
+        content += "\n\n" + context.strip()
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int,
+                     add_special_tokens: bool = True) -> dict | None:
     """input_ids = prompt + response + EOS, truncated to max_length; completion_mask marks the
     tokens that carry loss (response and EOS). None when truncation leaves no response token,
-    which would otherwise train with zero loss."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    which would otherwise train with zero loss. A chat-template prompt already holds its special
+    tokens, so it is encoded without adding more."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     response_ids = [*response_ids, tokenizer.eos_token_id]
     if len(prompt_ids) >= max_length:
@@ -97,7 +113,7 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> 
 
 
 def tokenize_partition(
-    rows: Dataset, tokenizer, max_length: int, keep_input: bool
+    rows: Dataset, tokenizer, max_length: int, keep_input: bool, template: str = "alpaca"
 ) -> TokenizedPartition:
     examples: list[dict] = []
     dropped_empty = dropped_truncated = 0
@@ -108,8 +124,12 @@ def tokenize_partition(
         ) or not output.strip():
             dropped_empty += 1
             continue
-        prompt = format_prompt(instruction, row.get("input"), keep_input)
-        example = tokenize_example(tokenizer, prompt, output.strip(), max_length)
+        if template == "chat":
+            prompt = chat_prompt(tokenizer, instruction, row.get("input"), keep_input)
+        else:
+            prompt = format_prompt(instruction, row.get("input"), keep_input)
+        example = tokenize_example(tokenizer, prompt, output.strip(), max_length,
+                                   add_special_tokens=template != "chat")
         if example is None:
             dropped_truncated += 1
             continue

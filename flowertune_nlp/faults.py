@@ -24,8 +24,10 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: config (and the launcher) need none
+    import torch
 
 CLIENT_KINDS = ("raise", "stall", "nan", "shape", "keys")
 SERVER_KINDS = ("disk-full",)
@@ -94,6 +96,8 @@ def corrupt_reply(kind: str | None, state: dict[str, torch.Tensor]) -> dict[str,
     """The adapter a faulty client sends instead of its real one."""
     if kind not in ("nan", "shape", "keys"):
         return state
+    import torch
+
     state = dict(state)
     key = next(iter(state))
     if kind == "nan":

@@ -198,14 +198,39 @@ def add_lora(model, settings: LoraSettings):
         ) from err
 
 
-def adapter_shapes(model_path: str, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of the LoRA adapter for this base model, from its config alone:
-    the model is built on the meta device, so this costs no weights and no memory."""
+def _meta_lora_model(model_path: str, settings: LoraSettings):
+    """The base model + LoRA built on the meta device from the config alone: no weights are
+    read and no memory is allocated."""
     import torch
-    from peft import get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)),
-                         settings)
-        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        return add_lora(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)),
+                        settings)
+
+
+def adapter_shapes(model_path: str, settings: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the LoRA adapter for this base model."""
+    from peft import get_peft_model_state_dict
+
+    model = _meta_lora_model(model_path, settings)
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def fresh_adapter(model_path: str, settings: LoraSettings, seed: int) -> dict:
+    """A newly initialised LoRA adapter (PEFT's init: Kaiming-uniform A, zero B), fp32, without
+    loading the base weights: only the LoRA tensors leave the meta device. The server needs
+    nothing else of the model, so it never holds a copy of it."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    model = _meta_lora_model(model_path, settings)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.lora_A[name].to_empty(device="cpu")
+                module.lora_B[name].to_empty(device="cpu")
+                module.reset_lora_parameters(name, init_lora_weights=True)
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}

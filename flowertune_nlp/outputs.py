@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from flowertune_nlp.config import PACKAGE_PREFIX, AppConfig
 from flowertune_nlp.io import atomic_write_dir, atomic_write_json, atomic_write_text
-from flowertune_nlp.models import lora_config
+
+if TYPE_CHECKING:  # the launcher imports this module and needs no torch
+    import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "trl", "datasets",
@@ -49,6 +50,8 @@ def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig
     would, with PEFT's own LoraConfig serializer and PEFT's key names.
     """
     from safetensors.torch import save_file
+
+    from flowertune_nlp.models import lora_config
 
     def fill(staging: Path) -> None:
         lora = lora_config(config.model.lora)

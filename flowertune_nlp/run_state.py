@@ -15,13 +15,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from flowertune_nlp.comm import CommLedger
 from flowertune_nlp.config import RUN_CONFIG_KEY_BY_PATH, AppConfig
 from flowertune_nlp.io import atomic_write_dir
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: the launcher needs none
+    import torch
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
@@ -120,6 +121,7 @@ def load_round_state(run_dir: Path) -> RoundState:
     if _sha256(adapter_file) != expected.get("sha256"):
         raise StateError(f"{adapter_file} does not match the checksum in {state_file} "
                          "(truncated or modified); the state cannot be resumed")
+    import torch
     from safetensors.torch import load_file
 
     try:

@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from flowertune_nlp.comm import MB
-from flowertune_nlp.config import AppConfig, build_config
+from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
-from flowertune_nlp.models import (
-    add_lora,
-    choose_precision,
-    load_base_model,
-    resolve_model_path,
-)
+from flowertune_nlp.models import fresh_adapter, resolve_model_path
 from flowertune_nlp.nodes import discover_partitions
 from flowertune_nlp.outputs import RunOutputs
 from flowertune_nlp.run_state import open_resumable
 from flowertune_nlp.strategy import FlowerTuneFedAvg, RunStopped
-from flowertune_nlp.training import lora_state_dict
 
 log = logging.getLogger(__name__)
 app = ServerApp()
-
-
-def initial_adapter(config: AppConfig) -> dict[str, torch.Tensor]:
-    """A freshly initialised LoRA adapter for the base model (seeded).
-
-    Also converts a GGUF base once, before any client needs it.
-    """
-    torch.manual_seed(config.seed)
-    precision = choose_precision(config.model.precision, config.model.quantization)
-    model = add_lora(load_base_model(resolve_model_path(config.model.name), precision),
-                     config.model.lora)
-    state = lora_state_dict(model)
-    del model
-    gc.collect()
-    return state
 
 
 @app.main()
@@ -60,7 +37,9 @@ def main(grid: Grid, context: Context) -> None:
         outputs = RunOutputs.create(config)
     log.info("run folder: %s", outputs.directory)
     try:
-        initial = resumed.global_state if resumed else initial_adapter(config)
+        # resolve_model_path also converts a GGUF base once, before any client needs it.
+        initial = resumed.global_state if resumed else fresh_adapter(
+            resolve_model_path(config.model.name), config.model.lora, config.seed)
         partitions = discover_partitions(grid, config.dataset.num_partitions)
         strategy = FlowerTuneFedAvg(config, outputs, partitions, resumed)
         strategy.start(

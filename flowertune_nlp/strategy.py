@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors import SafetensorError
 
 from flowertune_nlp import faults
-from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger
+from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger, cast_record
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.nodes import sample_partitions
 from flowertune_nlp.outputs import RunOutputs
@@ -39,8 +39,8 @@ def round_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_mi
 
 
 def screen_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
-    """Why a client's adapter must not be averaged in (wrong keys, shapes, non-finite values),
-    or None when it is sound."""
+    """Why a client's adapter must not be averaged in (wrong keys, shapes or dtype, non-finite
+    values), or None when it is sound."""
     if set(update) != set(reference):
         missing = sorted(set(reference) - set(update))[:2]
         extra = sorted(set(update) - set(reference))[:2]
@@ -49,6 +49,8 @@ def screen_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
         if tuple(array.shape) != tuple(reference[key].shape):
             return f"wrong shape for {key}: {tuple(array.shape)}, expected " \
                    f"{tuple(reference[key].shape)}"
+        if array.dtype != reference[key].dtype:
+            return f"wrong dtype for {key}: {array.dtype}, expected {reference[key].dtype}"
         if not np.isfinite(array.numpy()).all():
             return f"non-finite values in {key}"
     return None
@@ -86,7 +88,8 @@ class FlowerTuneFedAvg(FedAvg):
         self.round_offset = resumed.server_round if resumed else 0
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
-        self.global_arrays: ArrayRecord | None = None
+        self.global_arrays: ArrayRecord | None = None  # fp32, what the server keeps
+        self.sent_arrays: ArrayRecord | None = None  # in the transport dtype
         self._round_started = 0.0
         self._round_lr = 0.0
         self._sampled: list[int] = []
@@ -112,10 +115,12 @@ class FlowerTuneFedAvg(FedAvg):
         config["server-round"] = server_round
         config["lr"] = self._round_lr
         self.global_arrays = arrays
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.sent_arrays = cast_record(arrays, self.config.comm.transport)
+        record = RecordDict({self.arrayrecord_key: self.sent_arrays,
+                             self.configrecord_key: config})
         messages = list(self._construct_messages(
             record, [self.partition_nodes[p] for p in self._sampled], MessageType.TRAIN))
-        self.ledger.record_download(server_round, arrays, len(messages))
+        self.ledger.record_download(server_round, self.sent_arrays, len(messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -129,8 +134,10 @@ class FlowerTuneFedAvg(FedAvg):
         self.ledger.record_uploads(server_round, received)
         accepted, rejections = [], []
         for message, update in zip(succeeded, received, strict=True):
-            reason = screen_update(update, self.global_arrays)
+            reason = screen_update(update, self.sent_arrays)
             if reason is None:
+                # Flower's FedAvg averages in the replies' dtype; average fp16 uploads in fp32.
+                message.content.array_records[self.arrayrecord_key] = cast_record(update, "fp32")
                 accepted.append(message)
             else:
                 partition = self.node_partitions[message.metadata.src_node_id]
@@ -196,6 +203,7 @@ class FlowerTuneFedAvg(FedAvg):
             "examples": int(sum(m["num-examples"] for m in client_metrics)),
             "examples_dropped": int(sum(m["examples-dropped"] for m in client_metrics)),
             "client_seconds_max": max((float(m["seconds"]) for m in client_metrics), default=0.0),
+            "client_train_seconds_sum": sum(float(m["train-seconds"]) for m in client_metrics),
             "precision": sorted({m.content.config_records["info"]["precision"]
                                  for m in accepted}),
             "learning_rate": self._round_lr,

@@ -3,6 +3,7 @@ trained with TRL's SFTTrainer for the configured steps at the round's learning r
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -72,7 +73,8 @@ def get_partition(config: AppConfig, partition_id: int, tokenizer) -> TokenizedP
             config.dataset.name, config.dataset.num_partitions, partition_id, config.seed
         )
         _cached_partitions[key] = tokenize_partition(
-            rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field
+            rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field,
+            config.dataset.prompt_template,
         )
     return _cached_partitions[key]
 
@@ -118,7 +120,8 @@ class RoundResult:
     train_loss: float
     num_examples: int
     dropped: int
-    seconds: float
+    seconds: float  # the whole client round
+    train_seconds: float  # the optimizer steps alone (TRL's train_runtime)
     precision: str
 
 
@@ -150,6 +153,40 @@ def sft_config(config: AppConfig, precision: Precision, learning_rate: float, se
     )
 
 
+@functools.cache
+def lean_sft_trainer_class():
+    """TRL's SFTTrainer without its per-step token metrics.
+
+    SFTTrainer.compute_loss scores the completion tokens through a fused LM head that also
+    computes each token's entropy and top-1 accuracy, for logging only. Here the loss is
+    transformers' own causal-LM loss over the same labels (TRL builds them from our completion
+    mask, and normalises by the same token count), so the optimisation is unchanged and the
+    metrics' cost goes away; bench/step_efficiency.py measures both.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return LeanSFTTrainer
+
+
+def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate: float,
+                 seed: int, out: str, token_metrics: bool = False):
+    """The SFTTrainer a client round uses (also what bench/step_efficiency.py times)."""
+    from trl import SFTTrainer
+
+    trainer_class = SFTTrainer if token_metrics else lean_sft_trainer_class()
+    return trainer_class(
+        model=client.model,
+        args=sft_config(config, client.precision, learning_rate, seed, out),
+        train_dataset=examples,
+        processing_class=client.tokenizer,
+    )
+
+
 def train_round(
     config: AppConfig,
     partition_id: int,
@@ -158,8 +195,6 @@ def train_round(
     global_state: dict[str, torch.Tensor],
 ) -> RoundResult:
     """Reset the adapter to the global weights, train locally, return the new adapter."""
-    from trl import SFTTrainer
-
     start = time.perf_counter()
     client = get_client_model(config)
     set_lora_state_dict(client.model, global_state)
@@ -169,13 +204,7 @@ def train_round(
     examples = examples_for_round(partition, needed, config.seed, server_round, partition_id)
     seed = config.seed + server_round
     with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
-        trainer = SFTTrainer(
-            model=client.model,
-            args=sft_config(config, client.precision, learning_rate, seed, out),
-            train_dataset=examples,
-            processing_class=client.tokenizer,
-        )
-        output = trainer.train()
+        output = make_trainer(config, client, examples, learning_rate, seed, out).train()
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"training loss is {loss} in round {server_round}")
@@ -185,5 +214,6 @@ def train_round(
         num_examples=len(examples),
         dropped=partition.dropped,
         seconds=time.perf_counter() - start,
+        train_seconds=float(output.metrics["train_runtime"]),
         precision=client.precision.describe(),
     )

@@ -10,13 +10,15 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from evaluation import curve
 from flowertune_nlp.comm import expected_total_bytes
 from flowertune_nlp.launch import APP_DIR, run_app
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_round_simulation_saves_reloadable_adapter(tiny_model_dir, alpaca_sample, tmp_path):
+def test_two_round_simulation_saves_reloadable_adapter(tiny_model_dir, alpaca_sample, tmp_path,
+                                                       mmlu_dir):
     pyproject = hashlib.sha256((APP_DIR / "pyproject.toml").read_bytes()).hexdigest()
     outcome = run_app(tiny_run_config(tiny_model_dir, alpaca_sample, tmp_path, "tiny"))
     assert (outcome.exit_code, outcome.status) == (0, "completed")
@@ -53,6 +55,18 @@ def test_two_round_simulation_saves_reloadable_adapter(tiny_model_dir, alpaca_sa
 
     assert flower_processes() == []
     assert hashlib.sha256((APP_DIR / "pyproject.toml").read_bytes()).hexdigest() == pyproject
+
+    # The rounds-vs-score curve over the base model and both checkpoints.
+    assert curve.main(["--run-dir", str(run_dir), "--mmlu-path", str(mmlu_dir),
+                       "--limit-per-subject", "1", "--protocol", "logprob"]) == 0
+    table = json.loads((run_dir / "evaluation" / "curve.json").read_text())["rows"]
+    assert [r["round"] for r in table] == [0, 1, 2]
+    assert [r["comm_mb"] for r in table] == [0.0] + [round(r["comm_mb_total"], 2) for r in rows]
+    assert all(0 <= r["logprob_average"] <= 100 for r in table)
+    assert (run_dir / "evaluation" / "curve.png").stat().st_size > 10_000
+    record["status"] = "running"
+    (run_dir / "run.json").write_text(json.dumps(record))
+    assert curve.main(["--run-dir", str(run_dir), "--mmlu-path", str(mmlu_dir)]) == 2
 
 
 def test_bad_config_is_rejected_before_any_process_starts(tiny_model_dir, alpaca_sample,

@@ -6,7 +6,9 @@ from transformers import LlamaConfig, Qwen2Config
 
 from flowertune_nlp.comm import (
     MB,
+    adapter_bytes,
     arrayrecord_tensor_bytes,
+    cast_record,
     expected_total_bytes,
     lora_shapes_from_config,
 )
@@ -44,3 +46,17 @@ def test_arrayrecord_round_trip_keeps_every_tensor_exactly():
     for key, tensor in state.items():
         assert restored[key].dtype == torch.float32
         np.testing.assert_array_equal(restored[key].numpy(), tensor.numpy())
+
+
+def test_fp16_transport_halves_the_bytes_and_round_trips_to_fp32():
+    state = {"a.lora_A.weight": torch.randn(8, 64), "a.lora_B.weight": torch.randn(96, 8)}
+    fp32 = ArrayRecord(state)
+    fp16 = cast_record(fp32, "fp16")
+    params, tensors = 8 * 64 + 96 * 8, 2
+    assert arrayrecord_tensor_bytes(fp16) == adapter_bytes(params, tensors, bytes_per_param=2)
+    assert arrayrecord_tensor_bytes(fp32) == adapter_bytes(params, tensors)
+    assert cast_record(fp32, "fp32") is fp32  # no copy when the dtype already matches
+    back = cast_record(fp16, "fp32").to_torch_state_dict()
+    for key, tensor in state.items():
+        assert back[key].dtype == torch.float32
+        assert torch.equal(back[key], tensor.half().float())

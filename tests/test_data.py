@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from flowertune_nlp.data import (
+    chat_prompt,
     examples_for_round,
     format_prompt,
     load_partition,
@@ -26,6 +27,22 @@ def test_prompt_keeps_input_field_when_present():
     dropped = format_prompt("Translate.", "Bonjour", keep_input=False)
     assert "Bonjour" not in dropped and dropped.endswith("### Response:\n")
     assert format_prompt("Say hi.", "", keep_input=True) == format_prompt("Say hi.", None, True)
+
+
+def test_chat_template_prompt_needs_a_template(tokenizer, alpaca_sample):
+    with pytest.raises(ValueError, match="prompt-template"):
+        chat_prompt(tokenizer, "Say hi.", None, keep_input=True)
+    templated = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    templated.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}"
+                               "</s>\n{% endfor %}<s>assistant\n")
+    prompt = chat_prompt(templated, "Translate.", "Bonjour", keep_input=True)
+    assert prompt == "<s>user\nTranslate.\n\nBonjour</s>\n<s>assistant"
+    rows = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "Hi."}])
+    example = tokenize_partition(rows, templated, 64, True, template="chat").dataset[0]
+    prompt_ids = templated(chat_prompt(templated, "Say hi.", "", True),
+                           add_special_tokens=False)["input_ids"]
+    assert example["input_ids"][:len(prompt_ids)] == prompt_ids  # no extra special tokens
+    assert example["completion_mask"].index(1) == len(prompt_ids)
 
 
 def test_labels_are_masked_exactly_outside_response_and_eos(tokenizer, tiny_model_dir):

@@ -16,6 +16,7 @@ from evaluation.protocols import (
     run_flowertune,
     run_logprob,
 )
+from evaluation.reference import reference_flowertune, reference_logprob
 from evaluation.runner import AdapterError, EvalRequest, evaluate
 from flowertune_nlp.config import LoraSettings
 from flowertune_nlp.models import lora_config
@@ -103,13 +104,16 @@ def tiny(tiny_model_dir):
 
 
 def test_batched_predictions_equal_one_at_a_time(tiny, mmlu_dir):
+    """Batched, length-sorted, last-position-only scoring predicts exactly what `generate` per
+    question and one forward pass per answer choice predict."""
     model, tokenizer = tiny
     questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:12]
-    for run in (run_flowertune, run_logprob):
-        batched = run(model, tokenizer, questions, batch_size=6)
-        single = run(model, tokenizer, questions, batch_size=1)
-        assert [(p.prediction, p.raw_output) for p in batched] == [
-            (p.prediction, p.raw_output) for p in single]
+    for run, reference in ((run_flowertune, reference_flowertune),
+                           (run_logprob, reference_logprob)):
+        expected = [(p.prediction, p.raw_output) for p in reference(model, tokenizer, questions)]
+        for batch_size in (1, 6):
+            got = run(model, tokenizer, questions, batch_size=batch_size)
+            assert [(p.prediction, p.raw_output) for p in got] == expected
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,17 @@ import math
 
 import bitsandbytes as bnb
 import pytest
+import torch
 
 from flowertune_nlp import training
 from flowertune_nlp.config import build_config
 from flowertune_nlp.faults import corrupt_reply
-from flowertune_nlp.models import adapter_shapes, choose_precision, load_tokenizer
+from flowertune_nlp.models import (
+    adapter_shapes,
+    choose_precision,
+    fresh_adapter,
+    load_tokenizer,
+)
 
 
 def test_precision_is_what_the_hardware_offers():
@@ -51,9 +57,21 @@ def test_defective_global_adapter_is_refused(defect, message, tiny_model_dir, al
     training.set_lora_state_dict(client.model, good)  # the sound adapter still loads
 
 
-def test_adapter_shapes_from_config_match_the_loaded_model(tiny_model_dir, alpaca_sample):
+def test_adapter_from_config_alone_fits_the_loaded_model(tiny_model_dir, alpaca_sample):
+    """The server's adapter (meta device, no weights read) has the loaded model's tensors,
+    initialised as PEFT does: Kaiming-uniform A, zero B, reproducible from the seed."""
     config = build_config({"model.name": str(tiny_model_dir), "model.quantization": 0,
                            "static.dataset.name": str(alpaca_sample)})
     loaded = training.lora_state_dict(training.get_client_model(config).model)
-    assert adapter_shapes(str(tiny_model_dir), config.model.lora) == {
-        k: tuple(v.shape) for k, v in loaded.items()}
+    shapes = {k: tuple(v.shape) for k, v in loaded.items()}
+    assert adapter_shapes(str(tiny_model_dir), config.model.lora) == shapes
+    fresh = fresh_adapter(str(tiny_model_dir), config.model.lora, seed=3)
+    assert {k: tuple(v.shape) for k, v in fresh.items()} == shapes
+    assert all(v.dtype == torch.float32 for v in fresh.values())
+    assert all(not v.any() for k, v in fresh.items() if "lora_B" in k)
+    a = next(v for k, v in fresh.items() if "lora_A" in k)
+    bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt(5)) on fan_in
+    assert a.abs().max() <= bound and a.std() > bound / 3
+    again = fresh_adapter(str(tiny_model_dir), config.model.lora, seed=3)
+    assert all(torch.equal(v, again[k]) for k, v in fresh.items())
+    training.set_lora_state_dict(training.get_client_model(config).model, fresh)
