@@ -20,7 +20,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from flowertune_nlp.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.outputs import model_slug
 
 ROOT = Path(__file__).resolve().parent
@@ -317,10 +317,8 @@ def plot(states: list[dict], target: Path) -> None:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_figure(target, fig)
     plt.close(fig)
-    atomic_write_bytes(target, buffer.getvalue())
 
 
 def write_results(sweep_dir: Path, states: list[dict]) -> list[dict]:

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import ALPACA_SAMPLE, MMLU, SMOLLM2, offline
+from common import ALPACA_SAMPLE, MMLU, SMOLLM2, offline, report
 from safetensors.torch import load_file
 
 from flowertune_nlp.comm import expected_total_bytes
@@ -34,7 +34,7 @@ def train(out: Path, name: str, rank: int, transport: str, args) -> Path:
         "train.learning-rate-max": 2e-4, "train.save-every-round": args.rounds,
         "output-dir": str(out), "run-name": name,
     }
-    outcome = run_app([" ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())])
+    outcome = run_app([settings])
     if outcome.exit_code != 0:
         raise SystemExit(f"run {name} {outcome.status}: {outcome.error}")
     return outcome.run_dir
@@ -93,12 +93,12 @@ def main() -> None:
     result["fp16_identical_predictions"] = sum(
         a == b for a, b in zip(predictions["r32_fp32"], predictions["r32_fp16"], strict=True))
     result["questions"] = len(predictions["r32_fp32"])
-    print(f"fp16 transport: {result['r32_fp16']['total_mb']} MB vs "
+    report(f"fp16 transport: {result['r32_fp16']['total_mb']} MB vs "
           f"{result['r32_fp32']['total_mb']} MB; final adapter max |diff| {diff:.2e} "
           f"({result['fp16_max_abs_diff_relative']:.2e} of the largest value); MMLU logprob "
           f"{result['r32_fp16_logprob_average']} vs {result['r32_fp32_logprob_average']}, "
-          f"{result['fp16_identical_predictions']}/{result['questions']} identical predictions")
-    print(json.dumps(result))
+           f"{result['fp16_identical_predictions']}/{result['questions']} identical predictions",
+           result)
 
 
 if __name__ == "__main__":

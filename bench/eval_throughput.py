@@ -11,10 +11,9 @@ Prints one line per measurement, a summary line, and the figures as JSON last.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from common import MMLU, SMOLLM2, offline
+from common import MMLU, SMOLLM2, offline, report
 
 from evaluation.mmlu import LEADERBOARD_CATEGORIES, load_questions
 from evaluation.protocols import run_flowertune, run_logprob
@@ -58,11 +57,10 @@ def main() -> None:
                 figures[f"{name}_{label}_qps"] / figures[f"{name}_reference_qps"], 2)
             figures[f"{name}_{label}_identical"] = sum(
                 a == b for a, b in zip(predictions[label], predictions["reference"], strict=True))
-    print(f"batched vs one-at-a-time reference on {len(questions)} questions: flowertune "
+    report(f"batched vs one-at-a-time reference on {len(questions)} questions: flowertune "
           f"{figures['flowertune_batched_speedup']}x ({figures['flowertune_batched_identical']} "
           f"identical; target 5x), logprob {figures['logprob_batched_speedup']}x "
-          f"({figures['logprob_batched_identical']} identical; target 10x)")
-    print(json.dumps(figures))
+           f"({figures['logprob_batched_identical']} identical; target 10x)", figures)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ALPACA_SAMPLE, SMOLLM2, offline
+from common import ALPACA_SAMPLE, SMOLLM2, offline, report
 
 from flowertune_nlp.config import build_config
 from flowertune_nlp.launch import run_app
@@ -40,10 +40,9 @@ def main() -> None:
         "train.training-arguments.per-device-train-batch-size": args.batch_size,
         "train.save-every-round": args.rounds, "output-dir": str(out), "run-name": "federated",
     }
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     start = time.perf_counter()
     # The plain process below runs with the system allocator, so the federation does too.
-    outcome = run_app([overrides], jemalloc=False)
+    outcome = run_app([settings], jemalloc=False)
     flower_seconds = time.perf_counter() - start
     if outcome.exit_code != 0:
         raise SystemExit(f"the Flower run {outcome.status}: {outcome.error}")
@@ -73,10 +72,9 @@ def main() -> None:
         "overhead_ratio": round(flower_seconds / plain_steps, 3),
         "target_ratio": 1.15,
     }
-    print(f"federation overhead: flwr run {result['flower_wall_seconds']} s (of which optimizer "
+    report(f"federation overhead: flwr run {result['flower_wall_seconds']} s (of which optimizer "
           f"steps {result['flower_step_seconds']} s) / plain steps {result['plain_step_seconds']}"
-          f" s = {result['overhead_ratio']} (target <= 1.15)")
-    print(json.dumps(result))
+           f" s = {result['overhead_ratio']} (target <= 1.15)", result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from common import ALPACA_SAMPLE, SMOLLM2, offline
+from common import ALPACA_SAMPLE, SMOLLM2, offline, report
 from transformers import TrainerCallback
 
 
@@ -117,8 +117,7 @@ def main() -> None:
         summary += (f", {result['jemalloc']['ratio']} with jemalloc (stock TRL "
                     f"{result['jemalloc']['stock_trl_ratio']}); jemalloc makes our steps "
                     f"{result['jemalloc_trainer_speedup']}x faster")
-    print(summary + " (target ratio <= 1.15)")
-    print(json.dumps(result))
+    report(summary + " (target ratio <= 1.15)", result)
 
 
 def measure(args) -> None:
@@ -161,10 +160,9 @@ def measure(args) -> None:
         "ratio": round(trainer_s / loop_s, 3), "stock_trl_ratio": round(stock_s / loop_s, 3),
         "target_ratio": 1.15,
     }
-    print(f"step efficiency: ours {trainer_s:.2f} s/step, stock TRL {stock_s:.2f} s/step, minimal"
-          f" loop {loop_s:.2f} s/step: ratio {result['ratio']} (stock TRL "
-          f"{result['stock_trl_ratio']}; target <= 1.15)")
-    print(json.dumps(result))
+    report(f"step efficiency: ours {trainer_s:.2f} s/step, stock TRL {stock_s:.2f} s/step, minimal"
+           f" loop {loop_s:.2f} s/step: ratio {result['ratio']} (stock TRL "
+           f"{result['stock_trl_ratio']}; target <= 1.15)", result)
 
 
 if __name__ == "__main__":

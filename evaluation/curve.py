@@ -12,13 +12,12 @@ Reads the base model and the checkpoints from the run's run.json and metrics.jso
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
 from evaluation.runner import PROTOCOLS, AdapterError, EvalRequest, evaluate
-from flowertune_nlp.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 
 CATEGORY_KEYS = ("stem", "social_sciences", "humanities")
 
@@ -89,10 +88,8 @@ def plot(rows: list[dict], protocols: tuple[str, ...], target: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_figure(target, fig)
     plt.close(fig)
-    atomic_write_bytes(target, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -169,12 +170,8 @@ def stop_process_tree(process: subprocess.Popen, sessions: Iterable[int] = (),
     process.poll()
 
 
-def server_app_alive(superlink: subprocess.Popen) -> bool | None:
+def server_app_alive(descendants: list[psutil.Process]) -> bool | None:
     """Whether the process running the ServerApp is alive; None if it never appeared."""
-    try:
-        descendants = psutil.Process(superlink.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return False
     for proc in descendants:
         with contextlib.suppress(psutil.Error):
             if any(name in " ".join(proc.cmdline()) for name in SERVER_APP_PROCESSES):
@@ -192,9 +189,12 @@ def wait_for_flwr_run(command: list[str], env: dict[str, str], superlink: subpro
     try:
         while runner.poll() is None:
             time.sleep(0.5)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                sessions |= launched_sessions(psutil.Process(superlink.pid).children(True))
-            alive = server_app_alive(superlink)
+            try:
+                descendants = psutil.Process(superlink.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                descendants = []
+            sessions |= launched_sessions(descendants)
+            alive = server_app_alive(descendants) if descendants else False
             seen = seen or bool(alive)
             if seen and not alive:
                 gone_since = gone_since or time.monotonic()
@@ -209,8 +209,8 @@ def wait_for_flwr_run(command: list[str], env: dict[str, str], superlink: subpro
             runner.wait()
 
 
-def merge_run_configs(run_configs: list[str]) -> dict:
-    """Fuse TOML files and 'key=value' overrides (later wins) into one flat mapping.
+def merge_run_configs(run_configs: list[str | Mapping[str, Any]]) -> dict:
+    """Fuse TOML files, 'key=value' overrides and mappings (later wins) into one flat mapping.
 
     `flwr run` refuses a TOML file alongside key-value pairs; a preset plus a local dataset
     path is exactly what an offline user needs, so the launcher merges them first.
@@ -220,6 +220,9 @@ def merge_run_configs(run_configs: list[str]) -> dict:
 
     merged: dict = {}
     for run_config in run_configs:
+        if isinstance(run_config, Mapping):  # callers in Python (benchmarks, tests)
+            merged.update(run_config)
+            continue
         # Flower silently skips text that is not key=value (`seed=` would start a run on the
         # defaults), so every whitespace-separated token, quoted values emptied, must be one.
         tokens = re.sub(r"'[^']*'|\"[^\"]*\"", '""', run_config).split()
@@ -243,8 +246,8 @@ class RunOutcome:
     error: str | None = None
 
 
-def run_app(run_configs: list[str], app_dir: Path = APP_DIR, num_supernodes: int = 20,
-            cpus_per_client: int = 2, gpus_per_client: float = 0.0,
+def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
+            num_supernodes: int = 20, cpus_per_client: int = 2, gpus_per_client: float = 0.0,
             jemalloc: bool = True) -> RunOutcome:
     """Validate the config, run it to completion through `flwr run`, stop every process it
     started, and report the run's status from its run.json (`flwr run` exits 0 even when the

@@ -38,12 +38,6 @@ def settings(model_dir, data, out) -> dict:
             "static.dataset.name": str(data), "output-dir": str(out), "run-name": "saved"}
 
 
-def overrides(model_dir, data, out, extra=""):
-    """The same settings as `flwr run --run-config` text."""
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings(model_dir, data, out).items()
-                    ) + f" {extra}"
-
-
 @pytest.fixture
 def saved_run(tiny_model_dir, alpaca_sample, tmp_path):
     """A run folder whose state says round 2 of 4 completed, as the ServerApp leaves it."""
@@ -113,8 +107,8 @@ def test_resume_refuses_bad_state_and_writes_nothing(damage, extra, message, sav
     if damage:
         damage(run_dir, tmp_path)
     before = snapshot(run_dir)
-    outcome = run_app([overrides(tiny_model_dir, alpaca_sample, tmp_path,
-                                 f'run.resume="{run_dir}"'), extra])
+    outcome = run_app([settings(tiny_model_dir, alpaca_sample, tmp_path)
+                       | {"run.resume": str(run_dir)}, extra])
     assert (outcome.exit_code, outcome.status) == (2, "rejected")
     assert message in outcome.error
     assert str(run_dir) in outcome.error  # the message names the file
@@ -127,7 +121,7 @@ def test_fresh_run_into_a_used_folder_points_at_resume(saved_run, tiny_model_dir
                                                        tmp_path):
     run_dir, _, _ = saved_run
     before = snapshot(run_dir)
-    outcome = run_app([overrides(tiny_model_dir, alpaca_sample, tmp_path)])
+    outcome = run_app([settings(tiny_model_dir, alpaca_sample, tmp_path)])
     assert outcome.exit_code == 2 and f'run.resume="{run_dir}"' in outcome.error
     assert snapshot(run_dir) == before
     with pytest.raises(StateError, match="run.json does not exist"):
