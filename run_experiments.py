@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
-from flowertune_nlp.outputs import model_slug
+from flowertune_nlp.outputs import current_status, model_slug, read_status
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -170,21 +170,15 @@ def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> di
         code = 0
         say(f"[{model}] training already completed; evaluating its adapter")
     record = json.loads(record_file.read_text())
-    if code != 0 or record.get("status") != "completed" or not record.get("final_adapter"):
+    status = current_status(record)
+    if code != 0 or status != "completed" or not record.get("final_adapter"):
         hint = (f"; continue with --resume --run-id {pair_dir.parent.name}"
                 if (run_dir / "state").is_dir() else "")
-        raise RuntimeError(f"training {record.get('status')}: {record.get('error')}; "
+        raise RuntimeError(f"training {status}: {record.get('error')}; "
                            f"see {log_file}{hint}")
     return {"train_seconds": seconds, "adapter": record["final_adapter"],
             "rounds": record.get("rounds"), "comm_mb": record.get("comm_mb_total"),
             "metrics_file": str(run_dir / "metrics.jsonl")}
-
-
-def read_status(record_file: Path) -> str | None:
-    try:
-        return json.loads(record_file.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) -> dict:

@@ -22,6 +22,7 @@ from common import ALPACA_SAMPLE, SMOLLM2, offline, report
 
 from flowertune_nlp.config import build_config
 from flowertune_nlp.launch import run_app
+from flowertune_nlp.nodes import Source
 
 
 def main() -> None:
@@ -55,8 +56,8 @@ def main() -> None:
     state = training.lora_state_dict(client.model)
     plain_steps = 0.0
     for row in rows:
-        updates = [training.train_round(config, p, row["round"], row["learning_rate"], state)
-                   for p in row["partitions"]]
+        updates = [training.train_round(config, Source(p), row["round"], row["learning_rate"],
+                                        state) for p in row["partitions"]]
         plain_steps += sum(u.train_seconds for u in updates)
         state = {k: sum(u.state[k] for u in updates) / len(updates) for k in state}
 

@@ -125,6 +125,7 @@ def measure(args) -> None:
     from flowertune_nlp import training
     from flowertune_nlp.config import build_config
     from flowertune_nlp.data import examples_for_round
+    from flowertune_nlp.nodes import Source
 
     config = build_config({
         "model.name": SMOLLM2, "model.quantization": 0, "static.dataset.name": str(ALPACA_SAMPLE),
@@ -132,7 +133,7 @@ def measure(args) -> None:
         "train.training-arguments.per-device-train-batch-size": args.batch_size,
     })
     client = training.get_client_model(config)
-    partition = training.get_partition(config, 0, client.tokenizer)
+    partition = training.get_partition(config, Source(0), client.tokenizer)
     examples = examples_for_round(partition, args.steps * args.batch_size, config.seed, 1, 0)
     initial = training.lora_state_dict(client.model)
     lr = config.train.learning_rate_max

@@ -1,4 +1,5 @@
-"""ClientApp: train the received global adapter on this node's partition and reply."""
+"""ClientApp: say what data this node serves; train the received global adapter on the source
+the server assigned and reply."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from flowertune_nlp import faults
 from flowertune_nlp.comm import cast_record
 from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
-from flowertune_nlp.nodes import describe_node
+from flowertune_nlp.nodes import DATA_PATH_KEY, assigned_source, describe_node
 from flowertune_nlp.training import train_round
 
 app = ClientApp()
@@ -17,7 +18,7 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (see nodes.py)."""
+    """Tell the server this node's name and the data it serves (see nodes.py)."""
     return Message(content=describe_node(context), reply_to=msg)
 
 
@@ -25,17 +26,18 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     use_flower_log_handlers()
     config = build_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])  # the server checked the count
     settings = msg.content.config_records["config"]
+    source = assigned_source(context, settings, config.dataset.num_partitions)
     server_round = int(settings["server-round"])
-    fault = faults.client_fault(config.faults, partition_id, server_round)
-    faults.before_training(fault, partition_id, server_round)
+    fault = faults.client_fault(config.faults, source.partition, server_round)
+    faults.before_training(fault, source.label, server_round)
     result = train_round(
         config,
-        partition_id=partition_id,
+        source,
         server_round=server_round,
         learning_rate=float(settings["lr"]),
         global_state=msg.content.array_records["arrays"].to_torch_state_dict(),
+        data_path=context.node_config.get(DATA_PATH_KEY),
     )
     metrics = MetricRecord({
         "train_loss": result.train_loss,
@@ -48,6 +50,6 @@ def train(msg: Message, context: Context) -> Message:
         "arrays": cast_record(ArrayRecord(faults.corrupt_reply(fault, result.state)),
                               config.comm.transport),
         "metrics": metrics,
-        "info": ConfigRecord({"precision": result.precision}),
+        "info": ConfigRecord({"precision": result.precision, "source": source.label}),
     })
     return Message(content=content, reply_to=msg)

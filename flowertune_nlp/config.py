@@ -84,6 +84,12 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class FederationSettings:
+    min_nodes: int = 1  # nodes a round waits for before it starts
+    wait_seconds: float = 300.0  # how long it waits; then it goes on with the nodes there are
+
+
+@dataclass(frozen=True)
 class CommSettings:
     transport: str = "fp32"  # dtype of the adapter on the wire: fp32, or fp16 (half the bytes)
 
@@ -101,11 +107,7 @@ class AppConfig:
     strategy: StrategySettings = field(default_factory=StrategySettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     comm: CommSettings = field(default_factory=CommSettings)
-
-    @property
-    def clients_per_round(self) -> int:
-        """Clients FedAvg samples per round (Flower's rule: int(n * fraction), at least 1)."""
-        return max(1, int(self.dataset.num_partitions * self.strategy.fraction_train))
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,6 +148,8 @@ _KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "static.dataset.keep-input-field": (("dataset", "keep_input_field"), bool),
     "static.dataset.prompt-template": (("dataset", "prompt_template"), str),
     "comm.transport": (("comm", "transport"), str),
+    "federation.min-nodes": (("federation", "min_nodes"), int),
+    "federation.wait-seconds": (("federation", "wait_seconds"), float),
 }
 
 RUN_CONFIG_KEYS = tuple(_KEYS)
@@ -259,6 +263,11 @@ def validate(config: AppConfig) -> AppConfig:
            f"allowed values are {', '.join(TRANSPORT_CHOICES)}")
     _check(d.num_partitions >= 1, "static.dataset.num-partitions", d.num_partitions,
            "must be an integer >= 1")
+    _check(config.federation.min_nodes >= 1, "federation.min-nodes", config.federation.min_nodes,
+           "must be an integer >= 1")
+    _check(math.isfinite(config.federation.wait_seconds) and config.federation.wait_seconds > 0,
+           "federation.wait-seconds", config.federation.wait_seconds,
+           "must be a number of seconds > 0")
     for key, name in (("model.name", m.name), ("static.dataset.name", d.name)):
         if is_local_reference(name) and not name.startswith(PACKAGE_PREFIX):
             _check(Path(name).expanduser().exists(), key, name,

@@ -26,8 +26,10 @@ PROMPT_WITH_INPUT = (
 )
 
 
-def local_data_files(name: str) -> tuple[str, list[str]] | None:
-    """For a local file or folder, return (datasets builder, files); None for a hub id."""
+def local_data_files(name: str, key: str = "static.dataset.name"
+                     ) -> tuple[str, list[str]] | None:
+    """For a local file or folder, return (datasets builder, files); None for a hub id. `key`
+    names the setting the path came from, for the error message."""
     path = Path(name).expanduser()
     if not path.exists():
         return None
@@ -37,7 +39,7 @@ def local_data_files(name: str) -> tuple[str, list[str]] | None:
     builders = {LOCAL_FORMATS.get(p.suffix) for p in files}
     if not files or None in builders or len(builders) != 1:
         raise ValueError(
-            f"static.dataset.name = {name!r}: expected one .json/.jsonl/.parquet file or a folder "
+            f"{key} = {name!r}: expected one .json/.jsonl/.parquet file or a folder "
             f"of files of a single one of those formats, found {[p.name for p in files][:5]}"
         )
     return builders.pop(), [str(p) for p in files]
@@ -61,6 +63,29 @@ def federated_dataset(name: str, num_partitions: int, seed: int):
 
 def load_partition(name: str, num_partitions: int, partition_id: int, seed: int) -> Dataset:
     return federated_dataset(name, num_partitions, seed).load_partition(partition_id, "train")
+
+
+def load_node_data(path: str) -> Dataset:
+    """A node's own alpaca rows (`data-path` in its --node-config); ValueError naming the file
+    and the problem when they are missing, unreadable or not alpaca rows."""
+    from datasets import load_dataset
+
+    key = "--node-config data-path"
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"{key} = {path!r} does not exist on this node")
+    local = local_data_files(path, key)
+    assert local is not None  # the path exists
+    builder, files = local
+    try:
+        rows = load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise ValueError(f"{key} = {path!r} cannot be read as {builder}: "
+                         f"{type(err).__name__}: {err}") from None
+    missing = sorted({"instruction", "output"} - set(rows.column_names))
+    if missing:
+        raise ValueError(f"{key} = {path!r}: the rows have no {', '.join(missing)} column; "
+                         "expected alpaca rows with instruction, input (optional) and output")
+    return rows
 
 
 def format_prompt(instruction: str, context: str | None, keep_input: bool) -> str:

@@ -76,18 +76,19 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
-def client_fault(faults: tuple[Fault, ...], partition: int, server_round: int) -> str | None:
-    """The first client fault planned for this partition and round, if any."""
+def client_fault(faults: tuple[Fault, ...], partition: int | None, server_round: int
+                 ) -> str | None:
+    """The first client fault planned for this partition (None: a node's own data, which only
+    `*` matches) and round, if any."""
     for fault in faults:
         if fault.kind in CLIENT_KINDS and fault.matches(partition, server_round):
             return fault.kind
     return None
 
 
-def before_training(kind: str | None, partition: int, server_round: int) -> None:
+def before_training(kind: str | None, source: str, server_round: int) -> None:
     if kind == "raise":
-        raise InjectedFault(f"injected failure (faults.inject) in partition {partition}, "
-                            f"round {server_round}")
+        raise InjectedFault(f"injected failure (faults.inject) in {source}, round {server_round}")
     if kind == "stall":
         time.sleep(STALL_SECONDS)
 

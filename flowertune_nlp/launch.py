@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ import psutil
 import tomli_w
 
 from flowertune_nlp.config import ConfigError, build_config
-from flowertune_nlp.outputs import default_run_name
+from flowertune_nlp.outputs import current_status, default_run_name
 from flowertune_nlp.run_state import StateError, open_resumable
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -67,6 +69,8 @@ def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]
         RAY_DEDUP_LOGS="0",
         TOKENIZERS_PARALLELISM="false",
     )
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     # Flower spawns `flower-superexec` and `flwr-simulation` by name: they must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -89,6 +93,13 @@ def write_federation_config(flwr_home: Path, num_supernodes: int, cpus_per_clien
     return path
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, so two runs on one machine never collide."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _superlink_healthy(port: str) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.4).is_success
@@ -97,14 +108,10 @@ def _superlink_healthy(port: str) -> bool:
 
 
 def start_superlink(env: dict[str, str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
-    """Start the simulation SuperLink that `flwr run` would start, but owned by us."""
-    port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
-    control = env.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
-    if _superlink_healthy(port):
-        raise RuntimeError(
-            f"a Flower SuperLink is already listening on 127.0.0.1:{port}; stop it first "
-            "(pkill -f flower-superlink) or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
-        )
+    """Start the simulation SuperLink that `flwr run` would start, but owned by us, on the free
+    ports in `env` (the `flwr` CLI reads the same variables to find it)."""
+    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    control = env["FLWR_LOCAL_CONTROL_API_PORT"]
     runtime = flwr_home / "local-superlink"
     runtime.mkdir(parents=True, exist_ok=True)
     command = [
@@ -127,7 +134,8 @@ def start_superlink(env: dict[str, str], flwr_home: Path, log_file: Path) -> sub
     raise RuntimeError(f"flower-superlink did not start within 60 s; see {log_file}")
 
 
-def launched_processes(root: subprocess.Popen, sessions: set[int]) -> list[psutil.Process]:
+def launched_processes(root: subprocess.Popen | int, sessions: set[int]
+                       ) -> list[psutil.Process]:
     """The root, its descendants, and every process in one of `sessions`.
 
     Flower starts SuperExec detached in its own session, so a process-group kill would miss
@@ -136,7 +144,7 @@ def launched_processes(root: subprocess.Popen, sessions: set[int]) -> list[psuti
     """
     family: dict[int, psutil.Process] = {}
     with contextlib.suppress(psutil.NoSuchProcess):
-        top = psutil.Process(root.pid)
+        top = psutil.Process(root if isinstance(root, int) else root.pid)
         family.update({p.pid: p for p in [top, *top.children(recursive=True)]})
     sessions = (sessions | launched_sessions(list(family.values()))) - {os.getsid(0)}
     for proc in psutil.process_iter():
@@ -154,7 +162,7 @@ def launched_sessions(processes: list[psutil.Process]) -> set[int]:
     return sessions
 
 
-def stop_process_tree(process: subprocess.Popen, sessions: Iterable[int] = (),
+def stop_process_tree(process: subprocess.Popen | int, sessions: Iterable[int] = (),
                       grace: float = 10.0) -> None:
     """Stop a process, all its descendants (SuperExec, simulation runtime, Ray) and every
     process left in the sessions they opened."""
@@ -167,7 +175,24 @@ def stop_process_tree(process: subprocess.Popen, sessions: Iterable[int] = (),
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     psutil.wait_procs(alive, timeout=5)
-    process.poll()
+    if isinstance(process, subprocess.Popen):
+        process.poll()
+
+
+def stop_local_superlink(port: str | None = None) -> list[int]:
+    """Stop the simulation SuperLink a plain `flwr run` leaves running on 127.0.0.1:`port`
+    (Flower's default 39091, or FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), with its SuperExec,
+    simulation runtime and Ray processes. Flower 1.42 has no command for this. Returns the
+    SuperLink PIDs it stopped."""
+    port = port or os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+    stopped = []
+    for proc in psutil.process_iter(["cmdline"]):
+        words = proc.info["cmdline"] or []
+        if any(Path(w).name == "flower-superlink" for w in words[:2]) and any(
+                a == "--port" and b == port for a, b in itertools.pairwise(words)):
+            stop_process_tree(proc.pid)
+            stopped.append(proc.pid)
+    return stopped
 
 
 def server_app_alive(descendants: list[psutil.Process]) -> bool | None:
@@ -290,8 +315,8 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         return RunOutcome(1, run_dir, "failed", f"the run left no readable {run_dir}/run.json")
-    status = record.get("status", "unknown")
-    if status == "running":  # the ServerApp died without recording an outcome
+    status = current_status(record)
+    if status == "interrupted":  # the ServerApp died without recording an outcome
         return RunOutcome(1, run_dir, "interrupted", "the ServerApp stopped before the run "
                           "finished (killed or out of memory?); continue it with "
                           f'run.resume="{run_dir}"')
@@ -304,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", "-c", action="append", default=[],
                         help="a TOML file or 'key=value' overrides, as for `flwr run`; repeatable")
     parser.add_argument("--num-supernodes", type=int, default=20,
-                        help="virtual clients; must equal static.dataset.num-partitions")
+                        help="simulated nodes: workers that train the round's partitions; any "
+                             "number gives the same result")
     # Flower wants a whole number here ("'float' object cannot be interpreted as an integer").
     parser.add_argument("--cpus-per-client", type=int, default=2,
                         help="Ray CPUs per client; total CPUs / this = clients training at once")
@@ -312,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray GPUs per client (default: 1 if CUDA is available, else 0)")
     parser.add_argument("--no-jemalloc", action="store_true",
                         help="do not preload jemalloc even where it is installed")
+    parser.add_argument("--stop-local-superlink", action="store_true",
+                        help="stop the SuperLink (and its SuperExec, Ray) that a plain `flwr run` "
+                             "left running, then exit")
     args = parser.parse_args(argv)
+    if args.stop_local_superlink:
+        stopped = stop_local_superlink()
+        print(f"stopped local SuperLink {stopped}" if stopped else "no local SuperLink running")
+        return 0
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     gpus = args.gpus_per_client

@@ -4,8 +4,10 @@ peft_<round>/ adapters."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -41,6 +43,38 @@ def model_slug(name: str) -> str:
 
 def default_run_name(config: AppConfig) -> str:
     return f"{model_slug(config.model.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def server_process() -> dict:
+    """Which process writes a run: a later reader of a `running` run.json checks it is alive."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": psutil.Process().create_time()}
+
+
+def current_status(record: dict) -> str:
+    """A run's status as a reader should see it: `interrupted` for a `running` run whose
+    ServerApp process (on this host) is gone, e.g. killed or out of memory."""
+    import psutil
+
+    status = record.get("status", "unknown")
+    server = record.get("server") or {}
+    if status != "running" or server.get("host") != socket.gethostname():
+        return status
+    try:
+        alive = psutil.Process(int(server["pid"])).create_time() == server.get("started")
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        alive = False
+    return status if alive else "interrupted"
+
+
+def read_status(record_file: Path) -> str | None:
+    """The current status of the run whose run.json is `record_file`; None if unreadable."""
+    try:
+        return current_status(json.loads(Path(record_file).read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig) -> None:
@@ -87,6 +121,7 @@ class RunOutputs:
             "run_name": name,
             "run_dir": str(directory),
             "status": "running",
+            "server": server_process(),
             "seed": config.seed,
             "config": config.to_dict(),
             "versions": package_versions(),
@@ -116,7 +151,8 @@ class RunOutputs:
             "changed_keys": changed_keys,
             "previous_status": record.get("status"),
         })
-        record.update(status="running", config=config.to_dict(), error=None)
+        record.update(status="running", server=server_process(), config=config.to_dict(),
+                      error=None)
         outputs.write_record()
         outputs.write_metrics()
         return outputs

@@ -1,4 +1,5 @@
-"""ServerApp: build the config, make the initial adapter, run FedAvg, record the outcome."""
+"""ServerApp: build the config, make the initial adapter, run FedAvg over the nodes there are,
+record the outcome."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from flowertune_nlp.comm import MB
 from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
 from flowertune_nlp.models import fresh_adapter, resolve_model_path
-from flowertune_nlp.nodes import discover_partitions
+from flowertune_nlp.nodes import NodeDirectory
 from flowertune_nlp.outputs import RunOutputs
 from flowertune_nlp.run_state import open_resumable
 from flowertune_nlp.strategy import FlowerTuneFedAvg, RunStopped
@@ -40,8 +42,15 @@ def main(grid: Grid, context: Context) -> None:
         # resolve_model_path also converts a GGUF base once, before any client needs it.
         initial = resumed.global_state if resumed else fresh_adapter(
             resolve_model_path(config.model.name), config.model.lora, config.seed)
-        partitions = discover_partitions(grid, config.dataset.num_partitions)
-        strategy = FlowerTuneFedAvg(config, outputs, partitions, resumed)
+        # Flower runs every simulation (`flwr run` on a simulation SuperLink, or
+        # run_simulation) on an in-memory grid; a deployment talks to its SuperLink instead.
+        simulated = isinstance(grid, InMemoryGrid)
+        log.info("%s: %s", "simulation" if simulated else "deployment",
+                 "nodes are workers for the partitions" if simulated
+                 else "every node trains the data its operator gave it")
+        nodes = NodeDirectory(grid, simulated, config.dataset.num_partitions,
+                              config.federation.min_nodes, config.federation.wait_seconds)
+        strategy = FlowerTuneFedAvg(config, outputs, nodes, resumed)
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),

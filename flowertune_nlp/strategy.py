@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -18,11 +19,20 @@ from safetensors import SafetensorError
 from flowertune_nlp import faults
 from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger, cast_record
 from flowertune_nlp.config import AppConfig
-from flowertune_nlp.nodes import sample_partitions
+from flowertune_nlp.nodes import (
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    NodeDirectory,
+    NodeInfo,
+    Source,
+    clients_per_round,
+    sample_sources,
+)
 from flowertune_nlp.outputs import RunOutputs
 from flowertune_nlp.run_state import RoundState, save_round_state
 
 log = logging.getLogger(__name__)
+QUERY_TIMEOUT = 120.0  # a deployment node answers a query in about 5 s (a fresh process)
 
 
 class RoundSaveError(RuntimeError):
@@ -64,27 +74,35 @@ def short_reason(reason: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """One train message of a round: which source it trains on which node."""
+
+    source: Source
+    node: NodeInfo
+
+
 class FlowerTuneFedAvg(FedAvg):
-    """FedAvg that samples partitions reproducibly, screens replies, keeps the ledger, writes
-    metrics.jsonl, saves PEFT checkpoints and the resumable state after every round.
+    """FedAvg that samples data sources reproducibly and hands them to nodes, screens replies,
+    keeps the ledger, writes metrics.jsonl, saves PEFT checkpoints and the resumable state
+    after every round.
 
     Flower's `Strategy.start` always counts rounds from 1; a resumed run passes the number of
     rounds left and `resumed`, and every round number here is shifted by the resumed round.
     """
 
-    def __init__(self, config: AppConfig, outputs: RunOutputs, partition_nodes: dict[int, int],
+    def __init__(self, config: AppConfig, outputs: RunOutputs, nodes: NodeDirectory,
                  resumed: RoundState | None = None) -> None:
         super().__init__(
             fraction_train=config.strategy.fraction_train,
             fraction_evaluate=config.strategy.fraction_evaluate,
             min_train_nodes=1,
             min_evaluate_nodes=1,
-            min_available_nodes=config.dataset.num_partitions,
+            min_available_nodes=1,
         )
         self.config = config
         self.outputs = outputs
-        self.partition_nodes = partition_nodes
-        self.node_partitions = {node: p for p, node in partition_nodes.items()}
+        self.nodes = nodes
         self.round_offset = resumed.server_round if resumed else 0
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
@@ -92,7 +110,7 @@ class FlowerTuneFedAvg(FedAvg):
         self.sent_arrays: ArrayRecord | None = None  # in the transport dtype
         self._round_started = 0.0
         self._round_lr = 0.0
-        self._sampled: list[int] = []
+        self._sent: list[tuple[Message, Assignment]] = []
 
     @property
     def rounds_left(self) -> int:
@@ -107,43 +125,70 @@ class FlowerTuneFedAvg(FedAvg):
         self._round_lr = round_learning_rate(
             server_round, self.config.num_server_rounds, t.learning_rate_max, t.learning_rate_min
         )
-        self._sampled = sample_partitions(self.config.seed, server_round,
-                                          self.config.dataset.num_partitions,
-                                          self.config.clients_per_round)
-        log.info("round %d/%d: partitions %s train at lr %.3g", server_round,
-                 self.config.num_server_rounds, self._sampled, self._round_lr)
-        config["server-round"] = server_round
-        config["lr"] = self._round_lr
         self.global_arrays = arrays
         self.sent_arrays = cast_record(arrays, self.config.comm.transport)
-        record = RecordDict({self.arrayrecord_key: self.sent_arrays,
-                             self.configrecord_key: config})
-        messages = list(self._construct_messages(
-            record, [self.partition_nodes[p] for p in self._sampled], MessageType.TRAIN))
-        self.ledger.record_download(server_round, self.sent_arrays, len(messages))
-        return messages
+        self.nodes.update(self.nodes.connected(server_round), timeout=QUERY_TIMEOUT)
+        sources = self.nodes.sources()
+        if not sources:
+            raise RunStopped(
+                f"round {server_round}: no node that can train connected within "
+                f"federation.wait-seconds = {self.config.federation.wait_seconds:g} s "
+                f"(refused: {list(self.nodes.refused.values())[:2]}). Start the nodes, then "
+                f'resume with run.resume="{self.outputs.directory}"')
+        sampled = sample_sources(self.config.seed, server_round, sources,
+                                 clients_per_round(len(sources), self.config.strategy
+                                                   .fraction_train))
+        assignments = [Assignment(s, n) for s, n in self.nodes.assign(sampled)]
+        log.info("round %d/%d: %s train at lr %.3g", server_round, self.config.num_server_rounds,
+                 ", ".join(f"{a.source.label} on {a.node.name}" for a in assignments),
+                 self._round_lr)
+        self._sent = []
+        for assignment in assignments:
+            settings = ConfigRecord({**config, "server-round": server_round, "lr": self._round_lr})
+            if assignment.source.partition is not None:
+                settings[PARTITION_ID_KEY] = assignment.source.partition
+                settings[NUM_PARTITIONS_KEY] = self.config.dataset.num_partitions
+            content = RecordDict({self.arrayrecord_key: self.sent_arrays,
+                                  self.configrecord_key: settings})
+            message = Message(content=content, dst_node_id=assignment.node.node_id,
+                              message_type=MessageType.TRAIN)
+            self._sent.append((message, assignment))
+        self.ledger.record_download(server_round, self.sent_arrays, len(self._sent))
+        return [message for message, _ in self._sent]
+
+    def _assignment_of(self, reply: Message) -> Assignment:
+        """The assignment a reply answers (grids set message ids when they push)."""
+        for message, assignment in self._sent:
+            if message.metadata.message_id == reply.metadata.reply_to_message_id:
+                return assignment
+        raise RuntimeError(f"a reply from node {reply.metadata.src_node_id} answers no message "
+                           "of this round")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
-        replies = list(replies)
-        succeeded = [m for m in replies if not m.has_error()]
-        failures = [f"partition {self.node_partitions.get(m.metadata.src_node_id, '?')}: "
-                    f"{short_reason(m.error.reason)}" for m in replies if m.has_error()]
-        failures += ["no reply"] * (len(self._sampled) - len(replies))
-        received = [m.content.array_records[self.arrayrecord_key] for m in succeeded]
+        # Sorted by source, so the average is summed in the same order in every run.
+        answered = sorted(((self._assignment_of(m), m) for m in replies),
+                          key=lambda pair: pair[0].source.sort_key)
+        failures = [f"{a.source.label}: {short_reason(m.error.reason)}"
+                    for a, m in answered if m.has_error()]
+        answered_ids = {m.metadata.reply_to_message_id for _, m in answered}
+        failures += [f"{a.source.label}: no reply from node {a.node.name}"
+                     for sent, a in self._sent if sent.metadata.message_id not in answered_ids]
+        succeeded = [(a, m) for a, m in answered if not m.has_error()]
+        received = [m.content.array_records[self.arrayrecord_key] for _, m in succeeded]
         self.ledger.record_uploads(server_round, received)
-        accepted, rejections = [], []
-        for message, update in zip(succeeded, received, strict=True):
+        accepted: list[tuple[Assignment, Message]] = []
+        rejections = []
+        for (assignment, message), update in zip(succeeded, received, strict=True):
             reason = screen_update(update, self.sent_arrays)
             if reason is None:
                 # Flower's FedAvg averages in the replies' dtype; average fp16 uploads in fp32.
                 message.content.array_records[self.arrayrecord_key] = cast_record(update, "fp32")
-                accepted.append(message)
+                accepted.append((assignment, message))
             else:
-                partition = self.node_partitions[message.metadata.src_node_id]
-                rejections.append(f"partition {partition}: {reason}")
+                rejections.append(f"{assignment.source.label}: {reason}")
                 log.warning("round %d: rejected an update (%s)", server_round, rejections[-1])
-        arrays, metrics = super().aggregate_train(server_round, accepted)
+        arrays, metrics = super().aggregate_train(server_round, [m for _, m in accepted])
         if arrays is None:
             self.empty_rounds += 1
             log.warning("round %d: no usable reply (%d failed, %d rejected); keeping the previous "
@@ -187,12 +232,15 @@ class FlowerTuneFedAvg(FedAvg):
                                  ) from err
 
     def _log_round(self, server_round, accepted, failures, rejections, metrics) -> None:
-        client_metrics = [m.content.metric_records["metrics"] for m in accepted]
+        client_metrics = [m.content.metric_records["metrics"] for _, m in accepted]
         round_mb = self.ledger.round_bytes(server_round) / MB
         total_mb = self.ledger.total_bytes / MB
         row = {
             "round": server_round,
-            "partitions": self._sampled,
+            "partitions": [a.source.partition for _, a in self._sent
+                           if a.source.partition is not None],
+            "sources": [a.source.label for _, a in self._sent],
+            "nodes": [a.node.name for _, a in self._sent],
             "train_loss": None if metrics is None else float(metrics["train_loss"]),
             "clients": len(accepted),
             "failures": len(failures),
@@ -205,7 +253,7 @@ class FlowerTuneFedAvg(FedAvg):
             "client_seconds_max": max((float(m["seconds"]) for m in client_metrics), default=0.0),
             "client_train_seconds_sum": sum(float(m["train-seconds"]) for m in client_metrics),
             "precision": sorted({m.content.config_records["info"]["precision"]
-                                 for m in accepted}),
+                                 for _, m in accepted}),
             "learning_rate": self._round_lr,
             "comm_bytes_round": self.ledger.round_bytes(server_round),
             "comm_bytes_total": self.ledger.total_bytes,

@@ -15,6 +15,7 @@ from flowertune_nlp.config import AppConfig
 from flowertune_nlp.data import (
     TokenizedPartition,
     examples_for_round,
+    load_node_data,
     load_partition,
     tokenize_partition,
 )
@@ -26,6 +27,7 @@ from flowertune_nlp.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from flowertune_nlp.nodes import Source
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,19 @@ def get_client_model(config: AppConfig) -> ClientModel:
     return _cached_model
 
 
-def get_partition(config: AppConfig, partition_id: int, tokenizer) -> TokenizedPartition:
-    key = (config.dataset, config.train.seq_length, config.seed, partition_id)
+def get_partition(config: AppConfig, source: Source, tokenizer,
+                  data_path: str | None = None) -> TokenizedPartition:
+    """The tokenised rows of a source: a partition of the shared dataset, or this node's own
+    data at `data_path`."""
+    key = (config.dataset, config.train.seq_length, config.seed, source, data_path)
     if key not in _cached_partitions:
         if len(_cached_partitions) >= 4:  # bound memory: a process serves many partitions
             _cached_partitions.pop(next(iter(_cached_partitions)))
-        rows = load_partition(
-            config.dataset.name, config.dataset.num_partitions, partition_id, config.seed
-        )
+        if source.partition is None:
+            rows = load_node_data(data_path)
+        else:
+            rows = load_partition(config.dataset.name, config.dataset.num_partitions,
+                                  source.partition, config.seed)
         _cached_partitions[key] = tokenize_partition(
             rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field,
             config.dataset.prompt_template,
@@ -189,19 +196,21 @@ def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate
 
 def train_round(
     config: AppConfig,
-    partition_id: int,
+    source: Source,
     server_round: int,
     learning_rate: float,
     global_state: dict[str, torch.Tensor],
+    data_path: str | None = None,
 ) -> RoundResult:
-    """Reset the adapter to the global weights, train locally, return the new adapter."""
+    """Reset the adapter to the global weights, train locally on `source`, return the new
+    adapter."""
     start = time.perf_counter()
     client = get_client_model(config)
     set_lora_state_dict(client.model, global_state)
-    partition = get_partition(config, partition_id, client.tokenizer)
+    partition = get_partition(config, source, client.tokenizer, data_path)
     t = config.train
     needed = t.max_steps * t.batch_size * t.gradient_accumulation_steps
-    examples = examples_for_round(partition, needed, config.seed, server_round, partition_id)
+    examples = examples_for_round(partition, needed, config.seed, server_round, source.seed_key)
     seed = config.seed + server_round
     with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
         output = make_trainer(config, client, examples, learning_rate, seed, out).train()

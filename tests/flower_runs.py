@@ -30,3 +30,15 @@ def tiny_run_config(model_dir: Path, data: Path, out: Path, name: str, rounds: i
         "train.training-arguments.per-device-train-batch-size=2 "
         f'output-dir="{out}" run-name="{name}" {extra}'
     ]
+
+
+def tiny_settings(model_dir: Path, data: Path, out: Path, name: str, rounds: int = 2,
+                  **extra) -> dict:
+    """`tiny_run_config` as a mapping (for TOML files and `run_app`)."""
+    return {
+        "num-server-rounds": rounds, "model.name": str(model_dir), "model.quantization": 0,
+        "static.dataset.name": str(data), "train.seq-length": 128,
+        "train.save-every-round": 1, "train.training-arguments.max-steps": 2,
+        "train.training-arguments.per-device-train-batch-size": 2,
+        "output-dir": str(out), "run-name": name, **extra,
+    }

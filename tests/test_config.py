@@ -36,7 +36,7 @@ def test_baseline_defaults():
     assert (c.num_server_rounds, c.model.name, c.model.quantization) == (
         10, "Qwen/Qwen2.5-7B-Instruct", 4)
     assert (c.model.lora.r, c.model.lora.alpha, c.train.seq_length) == (32, 64, 512)
-    assert (c.train.batch_size, c.train.max_steps, c.clients_per_round) == (8, 10, 2)
+    assert (c.train.batch_size, c.train.max_steps, c.strategy.fraction_train) == (8, 10, 0.1)
 
 
 def test_presets_parse(tmp_path):

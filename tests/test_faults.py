@@ -15,7 +15,7 @@ from flowertune_nlp.faults import (
     simulated_disk_full,
 )
 from flowertune_nlp.io import atomic_write_dir
-from flowertune_nlp.nodes import sample_partitions
+from flowertune_nlp.nodes import Source, sample_sources
 from flowertune_nlp.strategy import screen_update, short_reason
 
 
@@ -56,11 +56,12 @@ def test_screen_rejects_broken_updates(defect, reason):
 
 
 def test_partition_sampling_is_a_function_of_seed_and_round():
-    rounds = [sample_partitions(42, r, 20, 2) for r in range(1, 11)]
-    assert rounds == [sample_partitions(42, r, 20, 2) for r in range(1, 11)]
-    assert all(len(set(p)) == 2 and all(0 <= i < 20 for i in p) for p in rounds)
+    partitions = [Source(p) for p in range(20)]
+    rounds = [sample_sources(42, r, partitions, 2) for r in range(1, 11)]
+    assert rounds == [sample_sources(42, r, partitions, 2) for r in range(1, 11)]
+    assert all(len(set(p)) == 2 for p in rounds)
     assert len({tuple(p) for p in rounds}) > 5
-    assert rounds != [sample_partitions(7, r, 20, 2) for r in range(1, 11)]
+    assert rounds != [sample_sources(7, r, partitions, 2) for r in range(1, 11)]
 
 
 def test_client_error_reason_is_cut_out_of_the_ray_traceback():

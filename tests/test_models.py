@@ -13,6 +13,7 @@ from flowertune_nlp.models import (
     fresh_adapter,
     load_tokenizer,
 )
+from flowertune_nlp.nodes import Source
 
 
 def test_precision_is_what_the_hardware_offers():
@@ -39,7 +40,7 @@ def test_client_round_trains_dense_and_4bit_on_cpu(quantization, tiny_model_dir,
     q_proj = client.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q_proj, bnb.nn.Linear4bit) == (quantization == 4)
     initial = training.lora_state_dict(client.model)
-    result = training.train_round(config, 1, 1, 1e-3, initial)
+    result = training.train_round(config, Source(1), 1, 1e-3, initial)
     assert math.isfinite(result.train_loss)
     assert result.precision == client.precision.describe()
     assert any((result.state[k] - initial[k]).abs().max() > 0 for k in initial)

@@ -11,6 +11,7 @@ from conftest import SMOLLM2
 from evaluation.runner import EvalRequest, evaluate
 from flowertune_nlp import training
 from flowertune_nlp.config import build_config
+from flowertune_nlp.nodes import Source
 from flowertune_nlp.outputs import save_adapter
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ def smollm2_adapter(alpaca_sample, tmp_path_factory):
     })
     client = training.get_client_model(config)
     initial = training.lora_state_dict(client.model)
-    result = training.train_round(config, partition_id=0, server_round=1, learning_rate=1e-4,
+    result = training.train_round(config, Source(0), server_round=1, learning_rate=1e-4,
                                   global_state=initial)
     path = tmp_path_factory.mktemp("smollm2") / "peft_1"
     save_adapter(path, result.state, config)

@@ -1,0 +1,214 @@
+"""Nodes as workers: sources, what nodes say they serve, the bounded wait for nodes, and the
+round driver's hooks with replies built in the test (as Flower's own strategy tests do)."""
+
+import logging
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from flowertune_nlp.config import build_config
+from flowertune_nlp.nodes import (
+    NodeDirectory,
+    Source,
+    assigned_source,
+    clients_per_round,
+    describe_node,
+    sample_sources,
+)
+from flowertune_nlp.outputs import RunOutputs
+from flowertune_nlp.strategy import FlowerTuneFedAvg
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages read the run id of the process they are built in, as Flower's runtime sets."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class FakeGrid:
+    """A grid whose nodes answer queries with what their node config says; records pushes."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        self.node_configs = node_configs
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            self.queries += 1
+            message.metadata.__dict__["_message_id"] = f"q{self.queries}"
+            node = message.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node],
+                              state=RecordDict(), run_config={})
+            reply = Message(content=describe_node(context), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def test_source_sampling_equals_sampling_partition_ids():
+    """Runs (and resumes) keep training exactly the partitions the previous version did."""
+    partitions = [Source(p) for p in range(20)]
+    for seed in (42, 7):
+        for server_round in range(1, 11):
+            picked = sample_sources(seed, server_round, partitions, 2)
+            expected = sorted(random.Random(f"{seed}:{server_round}").sample(range(20), 2))
+            assert [s.partition for s in picked] == expected
+    rounds = [tuple(sample_sources(42, r, partitions, 2)) for r in range(1, 11)]
+    assert len(set(rounds)) > 5
+    assert (clients_per_round(20, 0.1), clients_per_round(3, 0.67), clients_per_round(2, 0.1),
+            clients_per_round(3, 1.0)) == (2, 2, 1, 3)
+
+
+def test_simulated_nodes_are_workers_for_every_partition():
+    grid = FakeGrid({11: {"partition-id": 0, "num-partitions": 2},
+                     4: {"partition-id": 1, "num-partitions": 2}})
+    nodes = NodeDirectory(grid, simulated=True, num_partitions=20, min_nodes=1, wait_seconds=5)
+    nodes.update(nodes.connected(1), timeout=5)
+    assert grid.queries == 0  # simulated nodes are not asked anything
+    assert nodes.sources() == [Source(p) for p in range(20)]
+    sampled = [Source(3), Source(8), Source(15)]
+    assignment = nodes.assign(sampled)
+    assert [(s.partition, n.node_id) for s, n in assignment] == [(3, 4), (8, 11), (15, 4)]
+
+
+def test_deployment_nodes_serve_what_their_operators_configured(caplog):
+    grid = FakeGrid({
+        5: {"name": "site-2", "data-path": "/data/b.jsonl"},
+        9: {"name": "site-1", "data-path": "/data/a.jsonl"},
+        7: {"partition-id": 1, "num-partitions": 3},
+        8: {"name": "wrong-split", "partition-id": 1, "num-partitions": 4},
+        6: {"name": "twin", "partition-id": 1, "num-partitions": 3},
+        3: {"name": "empty"},
+    })
+    nodes = NodeDirectory(grid, simulated=False, num_partitions=3, min_nodes=1, wait_seconds=5)
+    with caplog.at_level(logging.WARNING, logger="flowertune_nlp"):
+        nodes.update(nodes.connected(1), timeout=5)
+    assert [s.label for s in nodes.sources()] == ["partition 1", "site-1", "site-2"]
+    # of two nodes that serve the same partition, the one with the lower node id is used
+    assert {nodes.known[n].name for n in nodes.known} == {"twin", "site-1", "site-2"}
+    assert set(nodes.refused) == {3, 7, 8}
+    assert "num-partitions=3" in nodes.refused[8]
+    assert "node node-1 serves partition 1, which node twin already serves" in nodes.refused[7]
+    assert "neither data-path nor partition-id" in nodes.refused[3]
+    queries = grid.queries
+    nodes.update(nodes.connected(2), timeout=5)
+    assert grid.queries == queries  # known and refused nodes are asked once
+    picked = nodes.assign([Source(None, "site-1"), Source(1)])
+    assert [(s.label, n.node_id) for s, n in picked] == [("site-1", 9), ("partition 1", 6)]
+
+
+def test_round_waits_a_bounded_time_for_nodes_and_says_so(caplog):
+    nodes = NodeDirectory(FakeGrid({1: {}}), simulated=True, num_partitions=2, min_nodes=3,
+                          wait_seconds=1.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="flowertune_nlp"):
+        assert nodes.connected(4) == [1]
+    assert 1.5 <= time.monotonic() - start < 4
+    assert "1 of federation.min-nodes = 3 nodes connected" in caplog.text
+    assert "federation.wait-seconds" in caplog.text
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=3, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def test_a_node_trains_only_what_it_serves():
+    data_node = _context({"name": "clinic", "data-path": "/data/x.jsonl"})
+    assert assigned_source(data_node, ConfigRecord({}), 20) == Source(None, "clinic")
+    with pytest.raises(ValueError, match="trains its own data"):
+        assigned_source(data_node, ConfigRecord({"partition-id": 2, "num-partitions": 20}), 20)
+    worker = _context({"partition-id": 0, "num-partitions": 2})
+    assert assigned_source(worker, ConfigRecord({"partition-id": 7, "num-partitions": 20}),
+                           20) == Source(7)
+    for settings in ({"partition-id": 20, "num-partitions": 20},
+                     {"partition-id": 1, "num-partitions": 10}):
+        with pytest.raises(ValueError, match="static.dataset.num-partitions = 20"):
+            assigned_source(worker, ConfigRecord(settings), 20)
+    with pytest.raises(ValueError, match="named no partition"):
+        assigned_source(worker, ConfigRecord({}), 20)
+
+
+def _reply(message: Message, value: float, examples: int) -> Message:
+    state = {"a.lora_A.weight": torch.full((2, 3), value), "a.lora_B.weight": torch.zeros(3, 2)}
+    content = RecordDict({
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord({"train_loss": value, "num-examples": examples,
+                                 "examples-dropped": 0, "seconds": 1.0, "train-seconds": 1.0}),
+        "info": ConfigRecord({"precision": "cpu, dense base, fp32 compute"}),
+    })
+    return Message(content=content, reply_to=message)
+
+
+def _driver(tmp_path, simulated: bool, node_configs: dict, extra: dict | None = None):
+    config = build_config({"static.dataset.num-partitions": 3, "strategy.fraction-train": 1.0,
+                           "output-dir": str(tmp_path), "run-name": "r", **(extra or {})})
+    nodes = NodeDirectory(FakeGrid(node_configs), simulated, 3, 1, 5)
+    return FlowerTuneFedAvg(config, RunOutputs.create(config), nodes)
+
+
+def _push(messages):
+    for i, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"m{i}"
+    return messages
+
+
+def test_driver_sends_each_sampled_partition_and_averages_in_source_order(tmp_path):
+    arrays = ArrayRecord({"a.lora_A.weight": torch.zeros(2, 3),
+                          "a.lora_B.weight": torch.zeros(3, 2)})
+    results = []
+    for order in (slice(None), slice(None, None, -1)):
+        driver = _driver(tmp_path / str(len(results)), True,
+                         {21: {"partition-id": 0, "num-partitions": 2},
+                          22: {"partition-id": 1, "num-partitions": 2}})
+        messages = _push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
+        sent = [(m.metadata.dst_node_id, m.content.config_records["config"]["partition-id"])
+                for m in messages]
+        assert sent == [(21, 0), (22, 1), (21, 2)]  # 3 partitions on 2 workers
+        replies = [_reply(messages[0], 0.1, 10), _reply(messages[1], 0.7, 30),
+                   Message(Error(code=0, reason="Message: out of memory'>"),
+                           reply_to=messages[2])]
+        aggregated, _ = driver.aggregate_train(1, replies[order])
+        results.append(aggregated.to_torch_state_dict()["a.lora_A.weight"])
+        row = driver.outputs.metrics[-1]
+        assert row["sources"] == ["partition 0", "partition 1", "partition 2"]
+        assert row["nodes"] == ["simulated-node-0", "simulated-node-1", "simulated-node-0"]
+        assert row["partitions"] == [0, 1, 2]
+        assert (row["clients"], row["failures"]) == (2, 1)
+        assert row["failure_reasons"] == ["partition 2: out of memory"]
+    assert torch.equal(results[0], results[1])
+    np.testing.assert_allclose(results[0].numpy(), (0.1 * 10 + 0.7 * 30) / 40, rtol=1e-6)
+
+
+def test_driver_counts_a_node_that_never_answers(tmp_path):
+    driver = _driver(tmp_path, False, {
+        1: {"name": "site-a", "data-path": "/a.jsonl"},
+        2: {"name": "site-b", "data-path": "/b.jsonl"}})
+    arrays = ArrayRecord({"a.lora_A.weight": torch.zeros(2, 3),
+                          "a.lora_B.weight": torch.zeros(3, 2)})
+    messages = _push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
+    assert [m.content.config_records["config"].get("partition-id") for m in messages] == [
+        None, None]  # own-data nodes are never told what to read
+    driver.aggregate_train(1, [_reply(messages[0], 0.5, 8)])
+    row = driver.outputs.metrics[-1]
+    assert row["nodes"] == ["site-a", "site-b"] and row["partitions"] == []
+    assert row["failure_reasons"] == ["site-b: no reply from node site-b"]
