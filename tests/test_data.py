@@ -9,6 +9,7 @@ from flowertune_nlp.data import (
     chat_prompt,
     examples_for_round,
     format_prompt,
+    load_node_data,
     load_partition,
     tokenize_example,
     tokenize_partition,
@@ -100,3 +101,25 @@ def test_each_round_sees_a_different_order(tokenizer, alpaca_sample):
     assert first["input_ids"] == again["input_ids"]
     repeated = examples_for_round(partition, 3 * len(partition.dataset), 7, 1, 3)
     assert len(repeated) == 3 * len(partition.dataset)
+
+
+def test_node_data_is_read_or_refused_naming_the_file(tmp_path):
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 3
+    good = tmp_path / "site.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_node_data(str(good))) == 3
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(rows))
+    assert load_node_data(str(folder))["output"] == ["Hi."] * 3
+
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "x", "output": \n')
+    (tmp_path / "other.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name, problem in (("missing.jsonl", "does not exist on this node"),
+                          ("broken.jsonl", "cannot be read as json"),
+                          ("other.jsonl", "no instruction, output column"),
+                          ("notes.txt", "expected one .json/.jsonl/.parquet file")):
+        with pytest.raises(ValueError, match=problem) as err:
+            load_node_data(str(tmp_path / name))
+        assert "--node-config data-path" in str(err.value) and name in str(err.value)

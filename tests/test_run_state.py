@@ -4,6 +4,8 @@ started) for corrupt, truncated or mismatched files."""
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from flowertune_nlp.comm import CommLedger
 from flowertune_nlp.config import build_config
 from flowertune_nlp.launch import run_app
 from flowertune_nlp.models import add_lora, choose_precision, load_base_model
-from flowertune_nlp.outputs import RunOutputs
+from flowertune_nlp.outputs import RunOutputs, current_status, read_status, server_process
 from flowertune_nlp.run_state import (
     RoundState,
     StateError,
@@ -126,3 +128,17 @@ def test_fresh_run_into_a_used_folder_points_at_resume(saved_run, tiny_model_dir
     assert snapshot(run_dir) == before
     with pytest.raises(StateError, match="run.json does not exist"):
         open_resumable(build_config({"run.resume": str(tmp_path)}))
+
+
+def test_a_running_run_whose_server_is_gone_reads_as_interrupted(tmp_path):
+    record = {"status": "running", "server": server_process()}
+    assert current_status(record) == "running"  # this process is alive
+    gone = subprocess.run([sys.executable, "-c", "from flowertune_nlp.outputs import "
+                           "server_process as s; import json; print(json.dumps(s()))"],
+                          capture_output=True, text=True, check=True)
+    record["server"] = json.loads(gone.stdout)
+    assert current_status(record) == "interrupted"
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert read_status(tmp_path / "run.json") == "interrupted"
+    assert current_status({**record, "status": "completed"}) == "completed"
+    assert read_status(tmp_path / "missing.json") is None
