@@ -76,21 +76,22 @@ def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]
     return env
 
 
-def write_federation_config(flwr_home: Path, num_supernodes: int, cpus_per_client: int,
-                            gpus_per_client: float) -> Path:
-    """Flower's connection config for a local simulation with `num_supernodes` virtual nodes."""
+def write_flower_home(flwr_home: Path) -> Path:
+    """A Flower configuration whose default connection is a local simulation SuperLink (the
+    federation's size and resources go to `flwr run --federation-config`)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(
-        "[superlink]\n"
-        f'default = "{FEDERATION}"\n\n'
-        f"[superlink.{FEDERATION}]\n"
-        'address = ":local:"\n'
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
-        f"options.backend.client-resources.num-gpus = {gpus_per_client}\n"
-    )
+    path.write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n'
+                    f'[superlink.{FEDERATION}]\naddress = ":local:"\n')
     return path
+
+
+def federation_config(num_supernodes: int, cpus_per_client: int, gpus_per_client: float
+                      ) -> str:
+    """`flwr run --federation-config` for `num_supernodes` simulated nodes."""
+    return (f"num-supernodes={num_supernodes} "
+            f"client-resources-num-cpus={cpus_per_client} "
+            f"client-resources-num-gpus={gpus_per_client}")
 
 
 def free_port() -> int:
@@ -298,7 +299,7 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
                               f'run.resume="{run_dir}"')
 
     flwr_home = Path(os.environ.get("FLOWERTUNE_FLWR_HOME", app_dir / ".flwr"))
-    write_federation_config(flwr_home, num_supernodes, cpus_per_client, gpus_per_client)
+    write_flower_home(flwr_home)
     merged = flwr_home / f"run-config-{os.getpid()}.toml"
     merged.write_text(tomli_w.dumps(overrides))
     env = flower_environment(flwr_home, jemalloc)
@@ -306,7 +307,8 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
     sessions: set[int] = set()
     try:
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
-                   "--stream", "--run-config", str(merged)]
+                   "--stream", "--run-config", str(merged), "--federation-config",
+                   federation_config(num_supernodes, cpus_per_client, gpus_per_client)]
         wait_for_flwr_run(command, env, superlink, sessions)
     finally:
         stop_process_tree(superlink, sessions)
