@@ -8,6 +8,7 @@ import sys
 
 from evaluation.mmlu import HUB_DATASET
 from evaluation.runner import PROTOCOLS, AdapterError, EvalRequest, evaluate, format_table
+from flowertune_nlp.config import PRECISION_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quantization", type=int, choices=(0, 4, 8), default=None,
                         help="4 (nf4), 8 or 0; default 4 on CUDA, 0 on CPU")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="auto: bf16 where native, else fp16 on CUDA and fp32 on CPU")
     parser.add_argument("--protocol", default="flowertune,logprob",
                         help=f"comma-separated subset of {', '.join(PROTOCOLS)}")
     parser.add_argument("--mmlu-path", default=HUB_DATASET,

@@ -12,12 +12,23 @@ Reads the base model and the checkpoints from the run's run.json and metrics.jso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from evaluation.runner import PROTOCOLS, AdapterError, EvalRequest, evaluate
+from evaluation.mmlu import load_questions, parse_categories
+from evaluation.runner import (
+    PROTOCOLS,
+    AdapterError,
+    EvalRequest,
+    attach_adapter,
+    check_request,
+    load_base,
+    score,
+)
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
+from flowertune_nlp.models import release_memory
 
 CATEGORY_KEYS = ("stem", "social_sciences", "humanities")
 
@@ -92,6 +103,33 @@ def plot(rows: list[dict], protocols: tuple[str, ...], target: Path) -> None:
     plt.close(fig)
 
 
+def score_checkpoints(template: EvalRequest, adapters: dict[int, str], comm: dict[int, float],
+                      out: Path) -> list[dict]:
+    """Score the base model and each adapter, printing each row as it comes. The base is loaded
+    once; each adapter is attached to it, scored and unloaded again: one model in memory,
+    however many checkpoints."""
+    questions = load_questions(template.mmlu_path, parse_categories(",".join(template.categories)),
+                               template.limit_per_subject)
+    model, tokenizer, precision = load_base(template)
+    rows = []
+    try:
+        for server_round, adapter in {0: None, **adapters}.items():
+            request = dataclasses.replace(template, peft_path=adapter,
+                                          run_name=f"round_{server_round}",
+                                          output=str(out / f"round_{server_round}.json"))
+            if adapter:
+                model = attach_adapter(model, adapter, template.base_model, False)
+            result = score(request, model, tokenizer, precision, questions)
+            if adapter:
+                model = model.unload()  # the base again, without this round's LoRA layers
+            rows.append(row_for(server_round, comm.get(server_round, 0.0), result))
+            print(markdown(rows[-1:], template.protocols).splitlines()[-1], flush=True)
+    finally:
+        del model
+        release_memory()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.curve",
                                      description=__doc__.splitlines()[0])
@@ -109,15 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
         base, adapters, comm = checkpoints(run_dir)
-        rows = []
-        for server_round, adapter in {0: None, **adapters}.items():
-            result = evaluate(EvalRequest(
-                base_model=base, peft_path=adapter, run_name=f"round_{server_round}",
-                protocols=protocols, batch_size=args.batch_size, mmlu_path=args.mmlu_path,
-                limit_per_subject=args.limit_per_subject, progress=False,
-                output=str(out / f"round_{server_round}.json")))
-            rows.append(row_for(server_round, comm.get(server_round, 0.0), result))
-            print(markdown(rows[-1:], protocols).splitlines()[-1], flush=True)
+        template = EvalRequest(base_model=base, protocols=protocols, batch_size=args.batch_size,
+                               mmlu_path=args.mmlu_path, limit_per_subject=args.limit_per_subject,
+                               progress=False)
+        check_request(template)
+        rows = score_checkpoints(template, adapters, comm, out)
     except (OSError, ValueError, KeyError, AdapterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

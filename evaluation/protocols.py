@@ -10,6 +10,7 @@ likely. One forward pass per question; nothing can fail to parse.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from evaluation.mmlu import LETTERS, Question
+
+log = logging.getLogger(__name__)
 
 FLOWERTUNE_INSTRUCTION = "Answer the following multiple choice question."
 VALID_OUTPUTS = ("a", "b", "c", "d", "e", "yes", "no")
@@ -56,14 +59,29 @@ def parse_flowertune(output: str, gold_letter: str) -> tuple[str | None, bool]:
     return (first.upper() if first in "abcd" else None), first == gold
 
 
-def _batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _longest_first(lengths: list[int]) -> list[int]:
+    """Indices by decreasing length: each batch pads little, and the batch that needs the most
+    memory runs first, so an out-of-memory error comes at the start, not after hours of work."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
-def _by_length(prompts: list[list[int]]) -> list[int]:
-    """Indices sorted by prompt length, so each batch pads little."""
-    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+def _in_batches(order: list[int], batch_size: int, run: Callable[[list[int]], None]) -> None:
+    """Call `run` on consecutive batches of `order`. On CUDA out-of-memory the batch size
+    halves and the batch runs again; batches come longest first, so later ones fit too."""
+    start = 0
+    while start < len(order):
+        batch = order[start:start + batch_size]
+        try:
+            run(batch)
+            start += len(batch)
+            continue
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+        # Out of the except block, the traceback and the tensors its frames held are gone.
+        batch_size //= 2
+        log.warning("CUDA out of memory: evaluation batch size now %d", batch_size)
+        torch.cuda.empty_cache()
 
 
 def _left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
@@ -95,9 +113,9 @@ def run_flowertune(model, tokenizer, questions: Sequence[Question], batch_size: 
     new_tokens = [len(tokenizer(q.gold_letter, add_special_tokens=False)["input_ids"])
                   for q in questions]
     outputs: list[str | None] = [None] * len(questions)
-    order = _by_length(encoded)
     pad = tokenizer.pad_token_id
-    for batch in _batches(order, batch_size):
+
+    def run(batch: list[int]) -> None:
         inputs = _left_padded([encoded[i] for i in batch], pad, device)
         steps = max(new_tokens[i] for i in batch)
         if steps == 1:
@@ -109,11 +127,13 @@ def run_flowertune(model, tokenizer, questions: Sequence[Question], batch_size: 
                 max_new_tokens=steps, do_sample=False, pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )[:, width:]
+        tokens = generated.tolist()  # one device-to-host copy per batch, not one per row
         for row, i in enumerate(batch):
-            outputs[i] = tokenizer.decode(generated[row, :new_tokens[i]],
-                                          skip_special_tokens=True)
+            outputs[i] = tokenizer.decode(tokens[row][:new_tokens[i]], skip_special_tokens=True)
         if progress:
             progress(len(batch))
+
+    _in_batches(_longest_first([len(e) for e in encoded]), batch_size, run)
     predictions = []
     for q, text in zip(questions, outputs, strict=True):
         letter, correct = parse_flowertune(text, q.gold_letter)
@@ -163,12 +183,15 @@ def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int
 
 def _score_next_token(model, tokenizer, prompts, letter_ids, batch_size, device, progress):
     scores = torch.empty((len(prompts), len(letter_ids)))
-    for batch in _batches(_by_length(prompts), batch_size):
+
+    def run(batch: list[int]) -> None:
         inputs = _left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, device)
-        logprobs = torch.log_softmax(_next_token_logits(model, inputs).float(), dim=-1).cpu()
-        scores[batch] = logprobs[:, letter_ids]
+        logprobs = torch.log_softmax(_next_token_logits(model, inputs).float(), dim=-1)
+        scores[batch] = logprobs[:, letter_ids].cpu()
         if progress:
             progress(len(batch))
+
+    _in_batches(_longest_first([len(p) for p in prompts]), batch_size, run)
     return scores
 
 
@@ -179,22 +202,31 @@ def _score_continuations(model, tokenizer, prompts, continuations, batch_size, d
     sequences = [(qi, c, ids + cont) for qi, ids in enumerate(prompts)
                  for c, cont in enumerate(continuations)]
     scores = torch.full((len(prompts), len(continuations)), float("-inf"))
-    order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][2]))
     pad = tokenizer.pad_token_id
-    for batch in _batches(order, batch_size):
+
+    def run(batch: list[int]) -> None:
         width = max(len(sequences[s][2]) for s in batch)
         ids = torch.tensor([sequences[s][2] + [pad] * (width - len(sequences[s][2]))
                             for s in batch])
         mask = torch.tensor([[1] * len(sequences[s][2]) + [0] * (width - len(sequences[s][2]))
                              for s in batch])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        # Each continuation token's log-probability, picked on the device: one small copy back.
+        rows, positions, tokens = [], [], []
         for row, s in enumerate(batch):
             qi, choice, _ = sequences[s]
             start, cont = len(prompts[qi]), continuations[choice]
-            positions = range(start - 1, start - 1 + len(cont))
-            scores[qi, choice] = sum(logprobs[row, p, t]
-                                     for p, t in zip(positions, cont, strict=True))
+            rows += [row] * len(cont)
+            positions += range(start - 1, start - 1 + len(cont))
+            tokens += cont
+        picked = logprobs[rows, positions, tokens].cpu().split(
+            [len(continuations[sequences[s][1]]) for s in batch])
+        for s, values in zip(batch, picked, strict=True):
+            qi, choice, _ = sequences[s]
+            scores[qi, choice] = values.sum()
         if progress:
             progress(len({sequences[s][0] for s in batch}))
+
+    _in_batches(_longest_first([len(s[2]) for s in sequences]), batch_size, run)
     return scores

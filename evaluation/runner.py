@@ -25,9 +25,11 @@ from evaluation.mmlu import (
 from evaluation.protocols import Prediction, run_flowertune, run_logprob
 from flowertune_nlp.io import atomic_write_json, atomic_write_text
 from flowertune_nlp.models import (
+    Precision,
     choose_precision,
     load_base_model,
     load_tokenizer,
+    release_memory,
     resolve_model_path,
 )
 
@@ -164,7 +166,9 @@ def attach_adapter(model, peft_path: str, base_model: str, allow_base_mismatch: 
     return model
 
 
-def load_model(request: EvalRequest):
+def load_base(request: EvalRequest):
+    """The base model for inference (no k-bit training preparation), its tokenizer and
+    precision."""
     quantization = request.quantization
     if quantization is None:
         quantization = 4 if torch.cuda.is_available() else 0
@@ -172,10 +176,16 @@ def load_model(request: EvalRequest):
     path = resolve_model_path(request.base_model)
     model = load_base_model(path, precision)
     model.eval()
+    return model, load_tokenizer(path), precision
+
+
+def load_model(request: EvalRequest):
+    """The model `request` scores: the base model, with its adapter when it names one."""
+    model, tokenizer, precision = load_base(request)
     if request.peft_path:
         model = attach_adapter(model, request.peft_path, request.base_model,
                                request.allow_base_mismatch)
-    return model, load_tokenizer(path), precision
+    return model, tokenizer, precision
 
 
 def _shots(request: EvalRequest, subjects: set[str]) -> dict:
@@ -198,18 +208,33 @@ def default_output(request: EvalRequest) -> Path:
     return Path("evaluation_results") / f"{request.run_name}.json"
 
 
-def evaluate(request: EvalRequest) -> dict:
-    """Run the requested protocols and write `<output>` (JSON) and `<output stem>.predictions.jsonl`
-    atomically; returns the result dict written to the JSON."""
+def check_request(request: EvalRequest) -> None:
+    """Reject a bad request before any model is loaded."""
     unknown = [p for p in request.protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol {unknown}; valid: {', '.join(PROTOCOLS)}")
     if request.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {request.batch_size}")
-    categories = parse_categories(",".join(request.categories))
-    questions = load_questions(request.mmlu_path, categories, request.limit_per_subject)
-    output = Path(request.output) if request.output else default_output(request)
+
+
+def evaluate(request: EvalRequest) -> dict:
+    """Run the requested protocols and write `<output>` (JSON) and `<output stem>.predictions.jsonl`
+    atomically; returns the result dict written to the JSON. The model is freed on return."""
+    check_request(request)
+    questions = load_questions(request.mmlu_path, parse_categories(",".join(request.categories)),
+                               request.limit_per_subject)
     model, tokenizer, precision = load_model(request)
+    try:
+        return score(request, model, tokenizer, precision, questions)
+    finally:
+        del model
+        release_memory()
+
+
+def score(request: EvalRequest, model, tokenizer, precision: Precision, questions) -> dict:
+    """`evaluate` on a model already loaded (evaluation.curve swaps adapters on one base)."""
+    categories = parse_categories(",".join(request.categories))
+    output = Path(request.output) if request.output else default_output(request)
     result = {
         "run_name": request.run_name,
         "base_model": request.base_model,

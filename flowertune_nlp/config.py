@@ -19,7 +19,7 @@ from typing import Any
 from flowertune_nlp.faults import Fault, parse_faults
 
 QUANTIZATION_CHOICES = (0, 4, 8)
-PRECISION_CHOICES = ("auto", "bf16", "fp32")
+PRECISION_CHOICES = ("auto", "bf16", "fp32", "fp16")
 LR_SCHEDULER_CHOICES = ("constant", "linear", "cosine")
 PROMPT_TEMPLATE_CHOICES = ("alpaca", "chat")
 TRANSPORT_CHOICES = ("fp32", "fp16")
@@ -219,7 +219,7 @@ def validate(config: AppConfig) -> AppConfig:
     _check(m.quantization in QUANTIZATION_CHOICES, "model.quantization", m.quantization,
            "allowed values are 4 (nf4), 8 (int8) or 0 (no quantization)")
     _check(m.precision in PRECISION_CHOICES, "model.precision", m.precision,
-           f"allowed values are {', '.join(PRECISION_CHOICES)}")
+           f"allowed values are {', '.join(PRECISION_CHOICES)} (fp16: CUDA only)")
     _check(m.lora.r > 0, "model.lora.peft-lora-r", m.lora.r, "the LoRA rank must be > 0")
     _check(m.lora.alpha > 0, "model.lora.peft-lora-alpha", m.lora.alpha, "must be > 0")
     _check(0.0 <= m.lora.dropout < 1.0, "model.lora.peft-lora-dropout", m.lora.dropout,

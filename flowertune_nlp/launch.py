@@ -32,6 +32,7 @@ import psutil
 import tomli_w
 
 from flowertune_nlp.config import ConfigError, build_config
+from flowertune_nlp.hardware import gpus_per_client
 from flowertune_nlp.outputs import current_status, default_run_name
 from flowertune_nlp.run_state import StateError, open_resumable
 
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=2,
                         help="Ray CPUs per client; total CPUs / this = clients training at once")
     parser.add_argument("--gpus-per-client", type=float, default=None,
-                        help="Ray GPUs per client (default: 1 if CUDA is available, else 0)")
+                        help="Ray GPUs per client, 0 to 1 (default: 1 where this machine has an "
+                        "NVIDIA GPU, else 0; 0.5: two clients share a GPU)")
     parser.add_argument("--no-jemalloc", action="store_true",
                         help="do not preload jemalloc even where it is installed")
     parser.add_argument("--stop-local-superlink", action="store_true",
@@ -350,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    gpus = args.gpus_per_client
-    if gpus is None:
-        import torch
-
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    try:
+        gpus = gpus_per_client(args.gpus_per_client)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     outcome = run_app(args.run_config, num_supernodes=args.num_supernodes,
                       cpus_per_client=args.cpus_per_client, gpus_per_client=gpus,
                       jemalloc=not args.no_jemalloc)

@@ -5,6 +5,7 @@ Shared by training and evaluation so that both load a base model the same way.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import logging
@@ -45,14 +46,43 @@ def resolve_package_file(name: str) -> Path:
     return path
 
 
+# bf16 rounds to 2^-9 of a value: under an eighth of the quantization step of any GGUF type that
+# stores fewer than 7 bits per weight (4-bit: 1/64 of a step), but up to half a step of Q8_0.
+BF16_SAFE_BITS_PER_WEIGHT = 7.0
+
+
+def gguf_dequantized_dtype(gguf_path: Path) -> torch.dtype:
+    """bf16 when it holds every tensor of the file as well as fp32 would for training: tensors
+    quantized below 7 bits per weight, bf16 tensors, and fp32/fp16 ones (norms) whose values are
+    exact in bf16 (true of models released in bf16). Anything else (8-bit, true fp32/fp16
+    weights) keeps fp32. bf16 halves the converted folder: 15 GB instead of 30 GB for a 7B."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    for tensor in GGUFReader(gguf_path).tensors:
+        kind = tensor.tensor_type
+        if kind == GGMLQuantizationType.BF16:
+            continue
+        if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            values = np.asarray(tensor.data).astype(np.float32)
+            if np.any(values.view(np.uint32) & 0xFFFF):  # mantissa bits bf16 does not have
+                return torch.float32
+            continue
+        block, size = GGML_QUANT_SIZES[kind]
+        if 8 * size / block >= BF16_SAFE_BITS_PER_WEIGHT:
+            return torch.float32
+    return torch.bfloat16
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into a safetensors folder that Trainer and PEFT accept."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf_path, target)
+    dtype = gguf_dequantized_dtype(gguf_path)
+    log.info("converting %s to %s safetensors in %s (once)", gguf_path, dtype, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype
     )
     # transformers 5 marks GGUF-loaded models as quantized and refuses to save them, although
     # the weights are already dequantized to dense tensors; drop that marker before saving.
@@ -92,21 +122,32 @@ def resolve_model_path(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
     return str(target)
 
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @dataclass(frozen=True)
 class Precision:
-    """What a process really computes in: device, bf16 or fp32 compute, 4/8-bit base."""
+    """What a process really computes in: device, bf16/fp16/fp32 compute, 4/8-bit base."""
 
     device: str
-    bf16: bool
+    compute: str
     quantization: int
 
     @property
+    def bf16(self) -> bool:
+        return self.compute == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.compute == "fp16"
+
+    @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+        return COMPUTE_DTYPES[self.compute]
 
     def describe(self) -> str:
         weights = {0: "dense", 4: "nf4 4-bit", 8: "int8"}[self.quantization]
-        return f"{self.device}, {weights} base, {'bf16' if self.bf16 else 'fp32'} compute"
+        return f"{self.device}, {weights} base, {self.compute} compute"
 
 
 def cpu_supports_bf16() -> bool:
@@ -118,17 +159,27 @@ def cpu_supports_bf16() -> bool:
 
 
 def choose_precision(requested: str, quantization: int) -> Precision:
-    """Pick the compute precision the hardware offers for `model.precision` = auto/bf16/fp32."""
+    """Pick the compute precision the hardware offers for `model.precision`.
+
+    "auto" takes bf16 only where it is native: `torch.cuda.is_bf16_supported()` also says yes
+    on pre-Ampere GPUs, which emulate it slowly. There CUDA gets fp16 (with loss scaling in
+    training), the usual QLoRA recipe for a T4 or V100; a CPU without native bf16 gets fp32.
+    """
     if torch.cuda.is_available():
-        device, bf16_ok = "cuda", torch.cuda.is_bf16_supported()
+        device, bf16_ok = "cuda", torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         device, bf16_ok = "cpu", cpu_supports_bf16()
     if requested == "bf16" and not bf16_ok:
         raise RuntimeError(
-            f"model.precision = 'bf16' but this {device} has no bf16 support; use 'auto' or 'fp32'"
+            f"model.precision = 'bf16' but this {device} has no native bf16; use 'auto', "
+            + ("'fp16' or 'fp32'" if device == "cuda" else "or 'fp32'")
         )
-    bf16 = requested == "bf16" or (requested == "auto" and bf16_ok)
-    return Precision(device=device, bf16=bf16, quantization=quantization)
+    if requested == "fp16" and device != "cuda":
+        raise RuntimeError("model.precision = 'fp16' needs a CUDA GPU; on CPU use 'auto', "
+                           "'bf16' or 'fp32'")
+    if requested == "auto":
+        requested = "bf16" if bf16_ok else "fp16" if device == "cuda" else "fp32"
+    return Precision(device=device, compute=requested, quantization=quantization)
 
 
 def load_tokenizer(model_path: str):
@@ -145,8 +196,10 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_base_model(model_path: str, precision: Precision, gradient_checkpointing: bool = False):
-    """Load the frozen base model in the chosen precision (bitsandbytes for 4/8-bit)."""
+def load_base_model(model_path: str, precision: Precision):
+    """Load the frozen base model for inference in the chosen precision (bitsandbytes for
+    4/8-bit): embeddings, norms and LM head stay in the compute dtype. Training adds
+    `prepare_for_training`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": precision.dtype}
@@ -162,14 +215,29 @@ def load_base_model(model_path: str, precision: Precision, gradient_checkpointin
     if precision.device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if precision.quantization:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
     model.config.use_cache = False
     return model
+
+
+def prepare_for_training(model, precision: Precision, gradient_checkpointing: bool):
+    """PEFT's k-bit training preparation of a 4/8-bit base: freeze it and upcast every
+    non-quantized weight (embeddings, norms, LM head) to fp32 for stable training. That costs
+    about 2 bytes per embedding/LM-head weight and an fp32 residual stream, so evaluation skips it.
+    """
+    if not precision.quantization:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def release_memory() -> None:
+    """Free a dropped model now. bitsandbytes' 4-bit weights point back at their module, so a
+    4-bit model is a reference cycle that only the cyclic collector frees, whenever it runs;
+    until then its GPU memory stays held (and the caching allocator keeps it after that)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def lora_config(settings: LoraSettings):

@@ -19,12 +19,14 @@ from flowertune_nlp.data import (
     load_partition,
     tokenize_partition,
 )
+from flowertune_nlp.hardware import check_not_hidden_from_gpus
 from flowertune_nlp.models import (
     Precision,
     add_lora,
     choose_precision,
     load_base_model,
     load_tokenizer,
+    prepare_for_training,
     resolve_model_path,
 )
 from flowertune_nlp.nodes import Source
@@ -40,6 +42,7 @@ class ClientModel:
     model: torch.nn.Module
     tokenizer: object
     precision: Precision
+    embedding_hooks: frozenset[int]  # ids of the input embedding's forward hooks when loaded
 
 
 _cached_model: ClientModel | None = None
@@ -58,10 +61,14 @@ def get_client_model(config: AppConfig) -> ClientModel:
     if _cached_model is None or _cached_model.key != key:
         _cached_model = None  # free the old model before loading another
         precision = choose_precision(config.model.precision, config.model.quantization)
+        if precision.device == "cpu":
+            check_not_hidden_from_gpus(torch.version.cuda)
         path = resolve_model_path(config.model.name)
-        base = load_base_model(path, precision, config.model.gradient_checkpointing)
+        base = prepare_for_training(load_base_model(path, precision), precision,
+                                    config.model.gradient_checkpointing)
         model = add_lora(base, config.model.lora)
-        _cached_model = ClientModel(key, model, load_tokenizer(path), precision)
+        hooks = frozenset(model.get_input_embeddings()._forward_hooks)
+        _cached_model = ClientModel(key, model, load_tokenizer(path), precision, hooks)
         log.info("client model %s loaded: %s", config.model.name, precision.describe())
     return _cached_model
 
@@ -147,6 +154,7 @@ def sft_config(config: AppConfig, precision: Precision, learning_rate: float, se
         max_length=t.seq_length,
         completion_only_loss=True,
         bf16=precision.bf16,
+        fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
         gradient_checkpointing=config.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -165,33 +173,84 @@ def lean_sft_trainer_class():
     """TRL's SFTTrainer without its per-step token metrics.
 
     SFTTrainer.compute_loss scores the completion tokens through a fused LM head that also
-    computes each token's entropy and top-1 accuracy, for logging only. Here the loss is
-    transformers' own causal-LM loss over the same labels (TRL builds them from our completion
-    mask, and normalises by the same token count), so the optimisation is unchanged and the
-    metrics' cost goes away; bench/step_efficiency.py measures both.
+    computes each token's entropy and top-1 accuracy, for logging only. Here the loss is the
+    same negative log-likelihood over the same labels (TRL builds them from our completion mask)
+    with the same normalisation, so the optimisation is unchanged and the metrics' cost goes
+    away; bench/step_efficiency.py measures both. Two ways to compute it:
+
+    - `fused_loss`: TRL's chunked LM head, computing log-probabilities only. It never builds
+      the [batch, length, vocabulary] logits, which with the model's own loss (fp32 upcast,
+      log-softmax kept for backward) cost 7-9 GB at 8 x 512 tokens and a 152k vocabulary. Used
+      on CUDA, where memory binds.
+    - otherwise: transformers' own causal-LM loss, the faster of the two on CPU.
     """
     from transformers import Trainer
     from trl import SFTTrainer
+    from trl.trainer.utils import add_fused_lm_head
 
     class LeanSFTTrainer(SFTTrainer):
+        def __init__(self, *args, fused_loss: bool, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fused_loss = fused_loss
+            base = self.model.get_base_model()
+            vars(base).pop("forward", None)  # TRL's head, which also computes the metrics
+            add_fused_lm_head(base, outputs=("log_probs",))
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fused_loss:
+                inputs = {**inputs, "fused_lm_head": True, "use_cache": False}
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return LeanSFTTrainer
 
 
+def remove_trainer_hooks(client: ClientModel) -> None:
+    """Undo what the previous round's trainer attached to the cached model. Every SFTTrainer
+    wraps the model's `forward` in its fused LM head, and it and Trainer.train each add an
+    input-embedding hook; without this each round would stack one more wrapper and two more
+    hooks onto the model."""
+    base = client.model.get_base_model()
+    vars(base).pop("forward", None)
+    embedding = client.model.get_input_embeddings()
+    for hook_id in set(embedding._forward_hooks) - client.embedding_hooks:
+        del embedding._forward_hooks[hook_id]
+        embedding._forward_hooks_with_kwargs.pop(hook_id, None)
+        embedding._forward_hooks_always_called.pop(hook_id, None)
+
+
+def fp32_adapter(model) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) parameters' fp32 tensors, to give back with `restore_adapter`."""
+    return {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+
+
+def restore_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
+    """Give the trainable parameters back their fp32 tensors. SFTTrainer casts them to bf16
+    when the base is 4/8-bit (TRL's QLoRA branch): that rounds the global adapter just
+    received, and an AdamW update smaller than half a bf16 ulp of a weight is lost, at our
+    learning rates (5e-5 down to 1e-6) most of them. Autocast still computes in bf16; only
+    the weights the optimizer updates stay fp32."""
+    for name, param in model.named_parameters():
+        if name in adapter:
+            param.data = adapter[name]
+
+
 def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate: float,
                  seed: int, out: str, token_metrics: bool = False):
-    """The SFTTrainer a client round uses (also what bench/step_efficiency.py times)."""
+    """The SFTTrainer a client round uses (also what bench/step_efficiency.py times). Its
+    optimizer is built in `train()`, after the adapter has its fp32 tensors back."""
     from trl import SFTTrainer
 
-    trainer_class = SFTTrainer if token_metrics else lean_sft_trainer_class()
-    return trainer_class(
-        model=client.model,
-        args=sft_config(config, client.precision, learning_rate, seed, out),
-        train_dataset=examples,
-        processing_class=client.tokenizer,
-    )
+    remove_trainer_hooks(client)
+    adapter = fp32_adapter(client.model)
+    kwargs = {"model": client.model, "train_dataset": examples,
+              "processing_class": client.tokenizer,
+              "args": sft_config(config, client.precision, learning_rate, seed, out)}
+    if token_metrics:
+        trainer = SFTTrainer(**kwargs)
+    else:
+        trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda")
+    restore_adapter(client.model, adapter)
+    return trainer
 
 
 def train_round(

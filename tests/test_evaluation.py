@@ -1,12 +1,17 @@
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evaluation import curve, runner
 from evaluation.__main__ import main as cli_main
 from evaluation.mmlu import CATEGORIES, Question, load_questions, load_subject, parse_categories
 from evaluation.protocols import (
@@ -19,7 +24,7 @@ from evaluation.protocols import (
 from evaluation.reference import reference_flowertune, reference_logprob
 from evaluation.runner import AdapterError, EvalRequest, evaluate
 from flowertune_nlp.config import LoraSettings
-from flowertune_nlp.models import lora_config
+from flowertune_nlp.models import Precision, lora_config
 
 Q = Question("high_school_geography", 0, "What is the capital of France",
              ("Paris", "Rome", "Berlin", "Madrid"), 0)
@@ -182,3 +187,116 @@ def test_cli_exits_non_zero_on_a_bad_adapter(tiny_model_dir, mmlu_dir, tmp_path,
     assert code == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory):
+    """A tiny model whose layers bitsandbytes' CPU inference kernels take (multiples of 64)."""
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64)
+
+
+def test_evaluation_loads_4bit_without_the_training_upcast(tiny64_dir, monkeypatch):
+    """k-bit training preparation upcasts embeddings, norms and LM head to fp32; the
+    evaluation load keeps everything that is not quantized in the compute dtype."""
+    monkeypatch.setattr(runner, "choose_precision",
+                        lambda requested, quantization: Precision("cpu", "bf16", quantization))
+    model, _, precision = runner.load_model(EvalRequest(base_model=str(tiny64_dir),
+                                                        quantization=4))
+    assert precision.quantization == 4
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    dense = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    assert dense == {torch.bfloat16}
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_a_4bit_model_is_freed_when_evaluation_returns(tiny64_dir, mmlu_dir, tmp_path,
+                                                       monkeypatch):
+    """bitsandbytes' 4-bit weights point back at their module: without an explicit collection
+    the model (on a GPU: its memory) outlives the evaluation until the cyclic GC runs."""
+    loaded = []
+    load_model = runner.load_model
+
+    def recording_load(request):
+        model, tokenizer, precision = load_model(request)
+        layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        loaded.append(weakref.ref(layer))
+        return model, tokenizer, precision
+
+    monkeypatch.setattr(runner, "load_model", recording_load)
+    gc.disable()  # only the explicit collection may free it
+    try:
+        evaluate(_request(tiny64_dir, mmlu_dir, tmp_path, quantization=4, protocols=("logprob",)))
+        assert loaded and loaded[0]() is None
+    finally:
+        gc.enable()
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A model that runs out of (simulated) CUDA memory on batches of more than `rows`."""
+
+    def __init__(self, model, rows: int):
+        super().__init__()
+        self.model, self.rows, self.batches = model, rows, []
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[0] > self.rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.batches.append(tuple(input_ids.shape))
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_out_of_memory_halves_the_batch_longest_first(tiny, mmlu_dir):
+    model, tokenizer = tiny
+    questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:12]
+    for run, reference in ((run_flowertune, reference_flowertune),
+                           (run_logprob, reference_logprob)):
+        expected = [p.prediction for p in reference(model, tokenizer, questions)]
+        limited = OutOfMemoryAbove(model, rows=3)
+        assert [p.prediction for p in run(limited, tokenizer, questions, batch_size=8)] == expected
+        assert {rows for rows, _ in limited.batches} == {2}  # 8 -> 4 -> 2 rows per batch
+        widths = [width for _, width in limited.batches]
+        assert widths == sorted(widths, reverse=True)
+        with pytest.raises(torch.OutOfMemoryError):
+            run(OutOfMemoryAbove(model, rows=0), tokenizer, questions, batch_size=8)
+
+
+def test_curve_loads_the_base_once_and_swaps_adapters_cleanly(tiny_model_dir, tiny_adapter,
+                                                              mmlu_dir, tmp_path, monkeypatch):
+    """Each adapter scored on the shared base predicts what it predicts on a fresh load: the
+    previous round's adapter is gone. The base is loaded once and freed at the end."""
+    second = tmp_path / "peft_2"
+    shutil.copytree(tiny_adapter, second)
+    weights = load_file(str(second / "adapter_model.safetensors"))
+    save_file({k: -v for k, v in weights.items()}, str(second / "adapter_model.safetensors"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({
+        "status": "completed", "config": {"model": {"name": str(tiny_model_dir)}},
+        "adapters": {"1": str(tiny_adapter), "2": str(second)}}))
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"round": r, "comm_mb_total": r * 0.5}) + "\n" for r in (1, 2)))
+    loads = []
+    load_base = curve.load_base
+
+    def recording_load(request):
+        model, tokenizer, precision = load_base(request)
+        loads.append(weakref.ref(model))
+        return model, tokenizer, precision
+
+    monkeypatch.setattr(curve, "load_base", recording_load)
+    gc.disable()
+    try:
+        assert curve.main(["--run-dir", str(run_dir), "--mmlu-path", str(mmlu_dir),
+                           "--limit-per-subject", "1", "--batch-size", "8"]) == 0
+        assert len(loads) == 1 and loads[0]() is None
+    finally:
+        gc.enable()
+    for server_round, adapter in ((1, tiny_adapter), (2, second)):
+        fresh = evaluate(EvalRequest(base_model=str(tiny_model_dir), peft_path=str(adapter),
+                                     mmlu_path=str(mmlu_dir), limit_per_subject=1, batch_size=8,
+                                     progress=False, output=str(tmp_path / "fresh.json")))
+        swapped = run_dir / "evaluation" / f"round_{server_round}.predictions.jsonl"
+        assert swapped.read_text() == Path(fresh["predictions_file"]).read_text()
