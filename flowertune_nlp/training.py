@@ -27,6 +27,7 @@ from flowertune_nlp.models import (
     load_base_model,
     load_tokenizer,
     prepare_for_training,
+    release_memory,
     resolve_model_path,
 )
 from flowertune_nlp.nodes import Source
@@ -54,12 +55,20 @@ def model_key(config: AppConfig) -> tuple:
     return (m.name, m.quantization, m.precision, m.gradient_checkpointing, m.lora)
 
 
+def free_client_model() -> None:
+    """Drop the cached model and free its memory now, not whenever the cyclic GC runs (a 4-bit
+    model is a reference cycle)."""
+    global _cached_model
+    _cached_model = None
+    release_memory()
+
+
 def get_client_model(config: AppConfig) -> ClientModel:
     """Load the base model + LoRA once per process; later rounds only reset the adapter."""
     global _cached_model
     key = model_key(config)
     if _cached_model is None or _cached_model.key != key:
-        _cached_model = None  # free the old model before loading another
+        free_client_model()  # before loading another
         precision = choose_precision(config.model.precision, config.model.quantization)
         if precision.device == "cpu":
             check_not_hidden_from_gpus(torch.version.cuda)

@@ -3,11 +3,15 @@ fp32 under 4-bit, the lean trainer's fused loss, no wrappers or hooks stacked pe
 bf16 only, GPU detection without torch, loud failure of a client hidden from the GPUs, and the
 dtype a GGUF is dequantized to."""
 
+import gc
 import os
 import subprocess
 import sys
 import tempfile
+import weakref
+from pathlib import Path
 
+import bitsandbytes as bnb
 import gguf
 import numpy as np
 import pytest
@@ -244,3 +248,27 @@ def test_gguf_is_dequantized_to_bf16_where_bf16_holds_it(tmp_path):
     # The packaged SmolLM2 keeps its token embeddings in Q8_0: fp32, as before.
     assert gguf_dequantized_dtype(resolve_package_file(SMOLLM2)) == torch.float32
 
+
+
+def test_a_4bit_client_model_is_freed_when_another_replaces_it(tiny_model_dir, alpaca_sample):
+    config = tiny_config(tiny_model_dir, alpaca_sample, **{"model.quantization": 4})
+    client = training.get_client_model(config)
+    layer = weakref.ref(next(m for m in client.model.modules()
+                             if isinstance(m, bnb.nn.Linear4bit)))
+    del client
+    gc.disable()  # only the explicit collection may free it
+    try:
+        training.get_client_model(tiny_config(tiny_model_dir, alpaca_sample,
+                                               **{"model.quantization": 0}))
+        assert layer() is None
+    finally:
+        gc.enable()
+
+
+def test_gpu_check_refuses_to_run_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine")
+    check = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(check)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "gpu_check needs a CUDA GPU" in run.stderr and run.stdout == ""
