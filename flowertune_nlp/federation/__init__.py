@@ -18,6 +18,7 @@ from flowertune_nlp.federation.credentials import (
 from flowertune_nlp.federation.local import DEFAULT_NAME, LocalFederation, Node
 from flowertune_nlp.federation.node_config import format_node_config, parse_node_config
 from flowertune_nlp.federation.processes import (
+    MARKER,
     FederationError,
     federation_status,
     marked_processes,
@@ -26,7 +27,8 @@ from flowertune_nlp.federation.processes import (
 )
 
 __all__ = [
-    "DEFAULT_NAME", "Credentials", "CredentialsExist", "FederationError", "LocalFederation",
+    "DEFAULT_NAME", "MARKER", "Credentials", "CredentialsExist", "FederationError",
+    "LocalFederation",
     "Node", "ensure_node_keys", "federation_status", "format_node_config", "make_credentials",
     "make_node_key", "marked_processes", "parse_node_config", "read_record",
     "stop_federation",
