@@ -68,8 +68,8 @@ def check_not_hidden_from_gpus(torch_cuda: str | None) -> None:
     if not visible_gpus():
         reason = (f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides them "
                   "(Ray gives a client no GPU when its num-gpus is 0); run through "
-                  "`python -m flowertune_nlp.launch` (a GPU per client by default) or set "
-                  "options.backend.client-resources.num-gpus")
+                  "`python -m flowertune_nlp.launch` (a GPU per client by default) or give "
+                  "`flwr run` --federation-config client-resources-num-gpus=1")
     elif torch_cuda is None:
         reason = "this torch is a CPU-only build; install a CUDA build of torch"
     else:
