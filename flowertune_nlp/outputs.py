@@ -63,7 +63,9 @@ def current_status(record: dict) -> str:
     if status != "running" or server.get("host") != socket.gethostname():
         return status
     try:
-        alive = psutil.Process(int(server["pid"])).create_time() == server.get("started")
+        process = psutil.Process(int(server["pid"]))
+        alive = (process.create_time() == server.get("started")
+                 and process.status() != psutil.STATUS_ZOMBIE)  # killed, not yet reaped
     except (psutil.Error, KeyError, TypeError, ValueError):
         alive = False
     return status if alive else "interrupted"
