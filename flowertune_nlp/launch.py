@@ -31,8 +31,8 @@ import httpx
 import psutil
 import tomli_w
 
+from flowertune_nlp import hardware
 from flowertune_nlp.config import ConfigError, build_config
-from flowertune_nlp.hardware import gpus_per_client
 from flowertune_nlp.outputs import current_status, default_run_name
 from flowertune_nlp.run_state import StateError, open_resumable
 
@@ -274,7 +274,8 @@ class RunOutcome:
 
 
 def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
-            num_supernodes: int = 20, cpus_per_client: int = 2, gpus_per_client: float = 0.0,
+            num_supernodes: int = 20, cpus_per_client: int = 2,
+            gpus_per_client: float | None = None,
             jemalloc: bool = True) -> RunOutcome:
     """Validate the config, run it to completion through `flwr run`, stop every process it
     started, and report the run's status from its run.json (`flwr run` exits 0 even when the
@@ -282,7 +283,8 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
     try:
         overrides = merge_run_configs(run_configs)
         config = build_config(overrides)
-    except ConfigError as err:
+        gpus = hardware.gpus_per_client(gpus_per_client)  # None: a GPU each where there is one
+    except (ConfigError, ValueError) as err:
         return RunOutcome(2, None, "rejected", str(err))
     if config.run.resume:
         try:
@@ -309,7 +311,7 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
     try:
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
                    "--stream", "--run-config", str(merged), "--federation-config",
-                   federation_config(num_supernodes, cpus_per_client, gpus_per_client)]
+                   federation_config(num_supernodes, cpus_per_client, gpus)]
         wait_for_flwr_run(command, env, superlink, sessions)
     finally:
         stop_process_tree(superlink, sessions)
@@ -352,13 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        gpus = gpus_per_client(args.gpus_per_client)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     outcome = run_app(args.run_config, num_supernodes=args.num_supernodes,
-                      cpus_per_client=args.cpus_per_client, gpus_per_client=gpus,
+                      cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
                       jemalloc=not args.no_jemalloc)
     if outcome.error:
         print(f"error: {outcome.error}", file=sys.stderr)

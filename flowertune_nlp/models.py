@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from flowertune_nlp.config import PACKAGE_PREFIX, LoraSettings
+from flowertune_nlp.config import PACKAGE_PREFIX, LoraSettings, is_local_reference
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,20 @@ def resolve_model_path(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
 
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def fetch_base_model(name: str) -> str:
+    """Resolve `model.name`, downloading a hub model into the local cache first (with
+    progress), so that simulated clients, which share this machine's cache, load it from disk
+    instead of each downloading it inside a round's timeout."""
+    path = resolve_model_path(name)
+    if path == name and not is_local_reference(name):
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading %s into the Hugging Face cache (once)", name)
+        snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                         "*.txt", "*.tiktoken", "*.jinja"])
+    return path
 
 
 @dataclass(frozen=True)

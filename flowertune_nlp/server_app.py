@@ -12,7 +12,7 @@ from flwr.superlink.grid import InMemoryGrid
 from flowertune_nlp.comm import MB
 from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
-from flowertune_nlp.models import fresh_adapter, resolve_model_path
+from flowertune_nlp.models import fetch_base_model, fresh_adapter, resolve_model_path
 from flowertune_nlp.nodes import NodeDirectory
 from flowertune_nlp.outputs import RunOutputs
 from flowertune_nlp.run_state import open_resumable
@@ -39,15 +39,17 @@ def main(grid: Grid, context: Context) -> None:
         outputs = RunOutputs.create(config)
     log.info("run folder: %s", outputs.directory)
     try:
-        # resolve_model_path also converts a GGUF base once, before any client needs it.
-        initial = resumed.global_state if resumed else fresh_adapter(
-            resolve_model_path(config.model.name), config.model.lora, config.seed)
         # Flower runs every simulation (`flwr run` on a simulation SuperLink, or
         # run_simulation) on an in-memory grid; a deployment talks to its SuperLink instead.
         simulated = isinstance(grid, InMemoryGrid)
         log.info("%s: %s", "simulation" if simulated else "deployment",
                  "nodes are workers for the partitions" if simulated
                  else "every node trains the data its operator gave it")
+        # Both convert a GGUF base once, before any client needs it; in simulation the clients
+        # share this machine's cache, so a hub model is downloaded here, once, too.
+        model_path = (fetch_base_model if simulated else resolve_model_path)(config.model.name)
+        initial = resumed.global_state if resumed else fresh_adapter(
+            model_path, config.model.lora, config.seed)
         nodes = NodeDirectory(grid, simulated, config.dataset.num_partitions,
                               config.federation.min_nodes, config.federation.wait_seconds)
         strategy = FlowerTuneFedAvg(config, outputs, nodes, resumed)

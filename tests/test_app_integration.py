@@ -98,3 +98,12 @@ def test_malformed_run_config_is_rejected(run_config):
     assert (outcome.exit_code, outcome.status) == (2, "rejected")
     assert outcome.error.startswith(f"--run-config {run_config!r}: ")
     assert flower_processes() == []
+
+
+def test_a_gpu_request_without_a_gpu_is_rejected_before_anything_starts(
+        tiny_model_dir, alpaca_sample, tmp_path):
+    config = tiny_run_config(tiny_model_dir, alpaca_sample, tmp_path, "gpu")
+    outcome = run_app(config, gpus_per_client=0.5)
+    assert (outcome.exit_code, outcome.status) == (2, "rejected")
+    assert "no GPU is visible" in outcome.error
+    assert not (tmp_path / "gpu").exists()

@@ -76,3 +76,18 @@ def test_adapter_from_config_alone_fits_the_loaded_model(tiny_model_dir, alpaca_
     again = fresh_adapter(str(tiny_model_dir), config.model.lora, seed=3)
     assert all(torch.equal(v, again[k]) for k, v in fresh.items())
     training.set_lora_state_dict(training.get_client_model(config).model, fresh)
+
+
+def test_a_hub_base_model_is_fetched_once_by_the_server(monkeypatch, tiny_model_dir):
+    """The hub is unreachable here: record what would be downloaded instead."""
+    import huggingface_hub
+
+    from flowertune_nlp.models import fetch_base_model
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
+    assert fetch_base_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert calls[0]["repo_id"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert "*.safetensors" in calls[0]["allow_patterns"]
+    assert fetch_base_model(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert len(calls) == 1  # local folders are never downloaded
