@@ -159,7 +159,7 @@ def test_up_status_down_three_nodes_cli(fed_dir, tmp_path, monkeypatch):
     assert [n["node_config"] for n in nodes] == [
         {"name": "site-1", "data-path": str(data)},
         {"name": "site-2", "partition-id": 1, "num-partitions": 3},
-        {"name": "site-3"}]
+        {"name": "site-3", "partition-id": 2, "num-partitions": 20}]  # the default
     ports = [superlink["port"], *(n["port"] for n in nodes)]
     assert len(set(ports)) == 4 and 8000 not in ports and 9094 not in ports
     for node in nodes:

@@ -43,7 +43,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if len(args.node_config) > args.nodes:
         _err(f"{len(args.node_config)} --node-config given for {args.nodes} nodes")
         return 2
-    specs = list(args.node_config) + [""] * (args.nodes - len(args.node_config))
+    specs = list(args.node_config) + [
+        f"partition-id={i} num-partitions={args.num_partitions}"
+        for i in range(len(args.node_config), args.nodes)]
     try:
         federation = LocalFederation(Path(args.dir), specs, args.name,
                                      jemalloc=not args.no_jemalloc, timeout=args.timeout,
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="node-config of the i-th node (repeatable), e.g. "
                     "'data-path=\"/abs/a.jsonl\"' or 'partition-id=0 num-partitions=3'; "
                     'name="site-i" is added unless given')
+    up.add_argument("--num-partitions", type=int, default=20,
+                    help="a node given no --node-config serves partition i-1 of this many of "
+                    "the run's static.dataset.name (a benchmark federation; default 20, the "
+                    "app's default static.dataset.num-partitions)")
     up.add_argument("--name", default=DEFAULT_NAME, help="federation name for `flwr run`")
     up.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the SuperLink and the nodes")
