@@ -29,6 +29,7 @@ from evaluation.runner import (
 )
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.models import release_memory
+from flowertune_nlp.outputs import current_status
 
 CATEGORY_KEYS = ("stem", "social_sciences", "humanities")
 
@@ -36,8 +37,8 @@ CATEGORY_KEYS = ("stem", "social_sciences", "humanities")
 def checkpoints(run_dir: Path) -> tuple[str, dict[int, str], dict[int, float]]:
     """(base model, {round: adapter folder}, {round: cumulative MB}) of a finished run."""
     record = json.loads((run_dir / "run.json").read_text())
-    if record.get("status") != "completed":
-        raise ValueError(f"{run_dir / 'run.json'} has status {record.get('status')!r}; "
+    if (status := current_status(record)) != "completed":
+        raise ValueError(f"{run_dir / 'run.json'} has status {status!r}; "
                          "finish (or resume) the run first")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     adapters = {int(r): path for r, path in record["adapters"].items()}

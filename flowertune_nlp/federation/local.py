@@ -120,7 +120,8 @@ class LocalFederation:
 
     def __init__(self, directory: Path | str, nodes: int | Sequence[Mapping[str, Any] | str] = 3,
                  name: str = DEFAULT_NAME, *, jemalloc: bool = True, timeout: float = 120.0,
-                 grace: float = 10.0, echo: Callable[[str], None] | None = None) -> None:
+                 grace: float = 10.0, echo: Callable[[str], None] | None = None,
+                 threads_per_node: int | None = None) -> None:
         self.directory = Path(directory).resolve()
         specs = [{} for _ in range(nodes)] if isinstance(nodes, int) else list(nodes)
         self.node_specs = [parse_node_config(s) if isinstance(s, str) else dict(s)
@@ -132,6 +133,9 @@ class LocalFederation:
             raise ValueError(f"federation name {name!r}: use letters, digits, '-' or '_'")
         self.federation_name = name
         self.jemalloc = jemalloc
+        # Nodes sharing one machine each use every core by default: n nodes training at once
+        # then run n times more threads than cores. The CPU threads each node's ClientApps use.
+        self.threads_per_node = threads_per_node
         self.timeout = timeout
         self.grace = grace
         self.echo = echo or (lambda _msg: None)
@@ -421,7 +425,10 @@ class LocalFederation:
         # SuperNodes install no app dependencies unless --allow-runtime-dependency-installation
         log = self.logs / f"{name}.log"
         self.echo(f"starting SuperNode {name} (Runtime API port {port}, log: {log})")
-        process = self._start("supernode", name, command, self._env(home), log, port=port,
+        env = self._env(home)
+        if self.threads_per_node:
+            env["OMP_NUM_THREADS"] = str(self.threads_per_node)
+        process = self._start("supernode", name, command, env, log, port=port,
                               node_id=node_id, node_config=config, number=number)
         node = Node(number=number, name=name, config=config, port=port, log=log, key=key,
                     registered=register and key is not None, process=process, node_id=node_id,
