@@ -164,19 +164,23 @@ def launched_sessions(processes: list[psutil.Process]) -> set[int]:
     return sessions
 
 
+def terminate_then_kill(processes: list[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM every process, then SIGKILL whatever is still there after `grace` seconds."""
+    for member in processes:
+        with contextlib.suppress(psutil.Error):
+            member.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 def stop_process_tree(process: subprocess.Popen | int, sessions: Iterable[int] = (),
                       grace: float = 10.0) -> None:
     """Stop a process, all its descendants (SuperExec, simulation runtime, Ray) and every
     process left in the sessions they opened."""
-    family = launched_processes(process, set(sessions))
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    psutil.wait_procs(alive, timeout=5)
+    terminate_then_kill(launched_processes(process, set(sessions)), grace)
     if isinstance(process, subprocess.Popen):
         process.poll()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -47,9 +48,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"partition-id={i} num-partitions={args.num_partitions}"
         for i in range(len(args.node_config), args.nodes)]
     try:
+        threads = args.threads_per_node or max(1, (os.cpu_count() or 1) // args.nodes)
         federation = LocalFederation(Path(args.dir), specs, args.name,
                                      jemalloc=not args.no_jemalloc, timeout=args.timeout,
-                                     echo=lambda m: print(m, file=sys.stderr))
+                                     echo=lambda m: print(m, file=sys.stderr),
+                                     threads_per_node=threads)
         federation.up()
     except (FederationError, CredentialsExist, ValueError) as err:
         _err(str(err))
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a node given no --node-config serves partition i-1 of this many of "
                     "the run's static.dataset.name (a benchmark federation; default 20, the "
                     "app's default static.dataset.num-partitions)")
+    up.add_argument("--threads-per-node", type=int, default=None,
+                    help="CPU threads each node's ClientApps use (default: this machine's cores "
+                    "divided among the nodes, at least 1; nodes on one machine that each use "
+                    "every core slow each other down several times)")
     up.add_argument("--name", default=DEFAULT_NAME, help="federation name for `flwr run`")
     up.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the SuperLink and the nodes")

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from flowertune_nlp.io import atomic_write_json
+from flowertune_nlp.launch import terminate_then_kill
 
 LOOPBACK = "127.0.0.1"
 MARKER = "FLOWERTUNE_FEDERATION_DIR"  # in the environment of everything a federation starts
@@ -88,18 +89,6 @@ def describe(proc: psutil.Process) -> str:
     return f"pid {proc.pid}"
 
 
-def _stop(processes: Sequence[psutil.Process], grace: float) -> None:
-    """SIGTERM, then SIGKILL whatever is still there after `grace` seconds."""
-    for proc in processes:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
 def read_record(directory: Path) -> dict[str, Any]:
     """The federation record in `directory` ({} if there is none)."""
     try:
@@ -137,13 +126,13 @@ def stop_federation(directory: Path, grace: float = 10.0) -> list[str]:
     entries = record.get("processes", [])
     nodes = [e for e in entries if e.get("role") != "superlink"]
     if family := _tree(nodes):
-        _stop(list(family.values()), grace)
+        terminate_then_kill(list(family.values()), grace)
     for _ in range(3):  # a SuperExec may start a ClientApp while we stop it: look again
         family = _tree(entries)
         family.update({p.pid: p for p in marked_processes(directory)})
         if not family:
             break
-        _stop(list(family.values()), grace)
+        terminate_then_kill(list(family.values()), grace)
     left = marked_processes(directory)
     left += [p for p in _tree(entries).values() if p.pid not in {q.pid for q in left}]
     if record:
