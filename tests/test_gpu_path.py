@@ -188,7 +188,7 @@ def test_gpus_per_client_defaults_to_a_whole_gpu_where_there_is_one(machine_gpus
     monkeypatch.setattr(launch, "run_app", fake_run_app)
     monkeypatch.setattr(launch.signal, "signal", lambda *args: None)  # keep pytest's handlers
     assert launch.main([]) == 0
-    assert seen["gpus_per_client"] == 1.0
+    assert seen["gpus_per_client"] is None  # run_app resolves it: hardware.gpus_per_client
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert hardware.gpus_per_client(None) == 0.0
     with pytest.raises(ValueError, match="no GPU is visible"):
