@@ -106,6 +106,9 @@ def validate(args: argparse.Namespace) -> dict:
                                  "../shared/data (alpaca-gpt4/*.json, mmlu/test/*.csv)")
     if args.eval_only and args.peft_path and not Path(args.peft_path).is_dir():
         raise UsageError(f"--peft-path {args.peft_path} is not a folder")
+    if args.limit_per_subject is not None and args.limit_per_subject < 1:
+        raise UsageError(f"--limit-per-subject {args.limit_per_subject} is not >= 1; omit it to "
+                         "score every question")
     if args.resume and not args.run_id:
         raise UsageError("--resume needs the --run-id of the sweep to continue")
     if args.resume and (args.eval_only or args.force):
@@ -233,9 +236,11 @@ def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
         say(f"[{model}] evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
         state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))
         state["status"] = "completed"
-    except RuntimeError as err:
-        state.update(status="failed", error=str(err))
-        say(f"[{model}] FAILED: {err}")
+    except Exception as err:  # one broken pair (a corrupt run.json, a crash) is recorded
+        # as failed, and the sweep goes on with the other models
+        reason = str(err) if isinstance(err, RuntimeError) else f"{type(err).__name__}: {err}"
+        state.update(status="failed", error=reason)
+        say(f"[{model}] FAILED: {reason}")
     atomic_write_json(state_file, state)
     return state
 

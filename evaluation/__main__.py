@@ -35,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="local folder with test/ (and dev/) CSVs, or a hub dataset id")
     parser.add_argument("--shots", type=int, default=0,
                         help="k-shot examples from the dev split (logprob protocol)")
-    parser.add_argument("--limit-per-subject", type=int, default=None,
-                        help="score only the first N questions of each subject")
+    parser.add_argument("--limit-per-subject", type=_positive, default=None,
+                        help="score only the first N (>= 1) questions of each subject; omit it "
+                        "to score all of them")
     parser.add_argument("--output", default=None,
                         help="result JSON (default evaluation_results/<run-name>.json); the "
                         "per-question predictions go next to it as .predictions.jsonl")
@@ -44,6 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="accept an adapter whose recorded base model name differs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 (0 would otherwise read as "no limit" and score all 10,935 questions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1; omit the flag to score every "
+                                         "question")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                       jemalloc=not args.no_jemalloc)
     if outcome.error:
         print(f"error: {outcome.error}", file=sys.stderr)
-    print(json.dumps({"status": outcome.status, "run_dir": str(outcome.run_dir)}))
+    print(json.dumps({"status": outcome.status,
+                      "run_dir": str(outcome.run_dir) if outcome.run_dir else None}))
     return outcome.exit_code
 
 if __name__ == "__main__":

@@ -189,6 +189,15 @@ def test_cli_exits_non_zero_on_a_bad_adapter(tiny_model_dir, mmlu_dir, tmp_path,
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("limit", ["0", "-3", "all"])
+def test_cli_refuses_a_question_limit_below_one(limit, capsys):
+    """0 used to mean "no limit" and scored all 10,935 questions."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--base-model-name-path", "x", "--limit-per-subject", limit])
+    assert exit_.value.code == 2
+    assert "--limit-per-subject" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny64_dir(tmp_path_factory):
     """A tiny model whose layers bitsandbytes' CPU inference kernels take (multiples of 64)."""

@@ -84,6 +84,7 @@ def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
     (("--preset", "gpu-huge"), "unknown preset 'gpu-huge'; known presets:"),
     (("--data-dir", "/no/such/dir"), "has no alpaca-gpt4/ folder"),
     (("--resume",), "--resume needs the --run-id"),
+    (("--limit-per-subject", "0"), "--limit-per-subject 0 is not >= 1"),
 ])
 def test_argument_errors_exit_2_and_write_nothing(args, message, tmp_path):
     result = sweep("--model", "some/model", *args, output_root=tmp_path)
