@@ -1,4 +1,4 @@
-"""Communication: bytes per round against the DESIGN formula for two adapter sizes, and what fp16
+"""Communication: bytes per round against the published formula for two adapter sizes, and what fp16
 transport (`comm.transport = "fp16"`) saves and costs.
 
     .venv/bin/python bench/comm.py

@@ -79,7 +79,7 @@ def lora_shapes_from_config(model_config, target_modules: tuple[str, ...], rank:
 
 def expected_total_bytes(shapes, rounds: int, clients_per_round: int,
                          bytes_per_param: int = 4) -> int:
-    """The DESIGN formula: every round, K downloads and K uploads of the adapter."""
+    """The published formula: every round, K downloads and K uploads of the adapter."""
     params = sum(a * b for a, b in shapes)
     return rounds * 2 * clients_per_round * adapter_bytes(params, len(shapes), bytes_per_param)
 

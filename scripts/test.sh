@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command (README "Test"): unit tests on tiny models, integration tests
-# through real Flower simulations and on the packaged SmolLM2-135M-Instruct.
+# The project's test command (README "Set up, run, test"), from nothing: makes or updates the
+# environment, lints, then runs the tests: unit tests on tiny models, integration tests through
+# real Flower simulations and Deployment Engine federations on loopback, and on the packaged
+# SmolLM2-135M-Instruct. Arguments go to pytest (e.g. a test file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+.venv/bin/ruff check .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Flower state of test runs stays out of the working tree's .flwr of interactive runs.
 export FLOWERTUNE_FLWR_HOME="${FLOWERTUNE_FLWR_HOME:-$(mktemp -d)/flwr-home}"
