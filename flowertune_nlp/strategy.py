@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors import SafetensorError
 
 from flowertune_nlp import faults
+from flowertune_nlp import messages as wire
 from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger, cast_record
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.nodes import (
@@ -99,6 +100,9 @@ class FlowerTuneFedAvg(FedAvg):
             min_train_nodes=1,
             min_evaluate_nodes=1,
             min_available_nodes=1,
+            weighted_by_key=wire.NUM_EXAMPLES,
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
         )
         self.config = config
         self.outputs = outputs
@@ -144,7 +148,8 @@ class FlowerTuneFedAvg(FedAvg):
                  self._round_lr)
         self._sent = []
         for assignment in assignments:
-            settings = ConfigRecord({**config, "server-round": server_round, "lr": self._round_lr})
+            settings = ConfigRecord({**config, wire.SERVER_ROUND: server_round,
+                                     wire.LEARNING_RATE: self._round_lr})
             if assignment.source.partition is not None:
                 settings[PARTITION_ID_KEY] = assignment.source.partition
                 settings[NUM_PARTITIONS_KEY] = self.config.dataset.num_partitions
@@ -232,7 +237,7 @@ class FlowerTuneFedAvg(FedAvg):
                                  ) from err
 
     def _log_round(self, server_round, accepted, failures, rejections, metrics) -> None:
-        client_metrics = [m.content.metric_records["metrics"] for _, m in accepted]
+        client_metrics = [m.content.metric_records[wire.METRICS] for _, m in accepted]
         round_mb = self.ledger.round_bytes(server_round) / MB
         total_mb = self.ledger.total_bytes / MB
         row = {
@@ -241,18 +246,19 @@ class FlowerTuneFedAvg(FedAvg):
                            if a.source.partition is not None],
             "sources": [a.source.label for _, a in self._sent],
             "nodes": [a.node.name for _, a in self._sent],
-            "train_loss": None if metrics is None else float(metrics["train_loss"]),
+            "train_loss": None if metrics is None else float(metrics[wire.TRAIN_LOSS]),
             "clients": len(accepted),
             "failures": len(failures),
             "failure_reasons": failures,
             "rejected": len(rejections),
             "rejection_reasons": rejections,
             "kept_previous_global": not accepted,
-            "examples": int(sum(m["num-examples"] for m in client_metrics)),
-            "examples_dropped": int(sum(m["examples-dropped"] for m in client_metrics)),
-            "client_seconds_max": max((float(m["seconds"]) for m in client_metrics), default=0.0),
-            "client_train_seconds_sum": sum(float(m["train-seconds"]) for m in client_metrics),
-            "precision": sorted({m.content.config_records["info"]["precision"]
+            "examples": int(sum(m[wire.NUM_EXAMPLES] for m in client_metrics)),
+            "examples_dropped": int(sum(m[wire.EXAMPLES_DROPPED] for m in client_metrics)),
+            "client_seconds_max": max((float(m[wire.SECONDS]) for m in client_metrics),
+                                      default=0.0),
+            "client_train_seconds_sum": sum(float(m[wire.TRAIN_SECONDS]) for m in client_metrics),
+            "precision": sorted({m.content.config_records[wire.INFO][wire.PRECISION]
                                  for _, m in accepted}),
             "learning_rate": self._round_lr,
             "comm_bytes_round": self.ledger.round_bytes(server_round),

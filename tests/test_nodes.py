@@ -19,6 +19,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from flowertune_nlp import messages as wire
 from flowertune_nlp.config import build_config
 from flowertune_nlp.nodes import (
     NodeDirectory,
@@ -151,10 +152,11 @@ def test_a_node_trains_only_what_it_serves():
 def _reply(message: Message, value: float, examples: int) -> Message:
     state = {"a.lora_A.weight": torch.full((2, 3), value), "a.lora_B.weight": torch.zeros(3, 2)}
     content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({"train_loss": value, "num-examples": examples,
-                                 "examples-dropped": 0, "seconds": 1.0, "train-seconds": 1.0}),
-        "info": ConfigRecord({"precision": "cpu, dense base, fp32 compute"}),
+        wire.ARRAYS: ArrayRecord(state),
+        wire.METRICS: MetricRecord({wire.TRAIN_LOSS: value, wire.NUM_EXAMPLES: examples,
+                                    wire.EXAMPLES_DROPPED: 0, wire.SECONDS: 1.0,
+                                    wire.TRAIN_SECONDS: 1.0}),
+        wire.INFO: ConfigRecord({wire.PRECISION: "cpu, dense base, fp32 compute"}),
     })
     return Message(content=content, reply_to=message)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from flowertune_nlp import messages as wire
 from flowertune_nlp.strategy import round_learning_rate
 
 
@@ -18,8 +19,8 @@ def test_learning_rate_schedule_cosine_from_max_to_min():
 
 def _reply(arrays: dict, examples: int, loss: float) -> RecordDict:
     return RecordDict({
-        "arrays": ArrayRecord({k: torch.tensor(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": examples, "train_loss": loss}),
+        wire.ARRAYS: ArrayRecord({k: torch.tensor(v) for k, v in arrays.items()}),
+        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples, wire.TRAIN_LOSS: loss}),
     })
 
 
@@ -33,7 +34,8 @@ def test_fedavg_weights_replies_by_examples():
     a = {"w.lora_A": np.array([[1.0, 2.0]], dtype=np.float32)}
     b = {"w.lora_A": np.array([[4.0, 8.0]], dtype=np.float32)}
     replies = [_reply(a, 10, 1.0), _reply(b, 30, 3.0)]
-    arrays = aggregate_arrayrecords(replies, "num-examples")
+    arrays = aggregate_arrayrecords(replies, wire.NUM_EXAMPLES)
     result = arrays.to_torch_state_dict()["w.lora_A"].numpy()
     np.testing.assert_allclose(result, [[3.25, 6.5]])
-    assert aggregate_metricrecords(replies, "num-examples")["train_loss"] == pytest.approx(2.5)
+    metrics = aggregate_metricrecords(replies, wire.NUM_EXAMPLES)
+    assert metrics[wire.TRAIN_LOSS] == pytest.approx(2.5)

@@ -1,0 +1,27 @@
+"""Names shared by the ClientApp and the ServerApp: the records of a train message and its reply,
+and the keys inside them. One spelling per quantity, Flower's kebab-case on the wire
+("num-examples" is also the key Flower's FedAvg weights replies by). The snake_case names in
+metrics.jsonl are the server's own row keys, not wire keys."""
+
+from __future__ import annotations
+
+# Records of a train message (server -> client) and of its reply (client -> server).
+ARRAYS = "arrays"  # ArrayRecord: the global adapter sent, the trained adapter replied
+CONFIG = "config"  # ConfigRecord of the train message: round settings
+METRICS = "metrics"  # MetricRecord of the reply
+INFO = "info"  # ConfigRecord of the reply: text that is not averaged
+
+# Keys of the CONFIG record (partition keys live in nodes.py with the node config).
+SERVER_ROUND = "server-round"
+LEARNING_RATE = "lr"
+
+# Keys of the METRICS record.
+TRAIN_LOSS = "train-loss"
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+EXAMPLES_DROPPED = "examples-dropped"
+SECONDS = "seconds"
+TRAIN_SECONDS = "train-seconds"
+
+# Keys of the INFO record.
+PRECISION = "precision"
+SOURCE = "source"
