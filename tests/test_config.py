@@ -3,7 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from flowertune_nlp.config import RUN_CONFIG_KEYS, AppConfig, ConfigError, build_config
+from flowertune_nlp.config import (
+    KEYS,
+    RUN_CONFIG_KEYS,
+    AppConfig,
+    ConfigError,
+    build_config,
+    markdown_table,
+    toml_value,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +32,17 @@ def pyproject_run_config() -> dict:
     return flat
 
 
-def test_pyproject_defaults_equal_dataclass_defaults():
+def test_pyproject_defaults_equal_the_key_definitions():
     flat = pyproject_run_config()
     assert set(flat) == set(RUN_CONFIG_KEYS)
+    assert {name: toml_value(spec.default) for name, spec in KEYS.items()} == flat
     assert build_config(flat) == AppConfig()
     assert build_config({}) == AppConfig()
+
+
+def test_readme_table_is_derived_from_the_key_definitions():
+    assert markdown_table() in (ROOT / "README.md").read_text()
+    assert all(spec.help for spec in KEYS.values())
 
 
 def test_baseline_defaults():
