@@ -21,7 +21,8 @@ import tomllib
 from pathlib import Path
 
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
-from flowertune_nlp.outputs import current_status, model_slug, read_status
+from flowertune_nlp.names import model_slug
+from flowertune_nlp.outputs import current_status, read_status
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from flowertune_nlp.names import is_local_reference
+
 log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -30,9 +32,11 @@ def local_data_files(name: str, key: str = "static.dataset.name"
                      ) -> tuple[str, list[str]] | None:
     """For a local file or folder, return (datasets builder, files); None for a hub id. `key`
     names the setting the path came from, for the error message."""
+    if not is_local_reference(name):
+        return None
     path = Path(name).expanduser()
     if not path.exists():
-        return None
+        raise ValueError(f"{key} = {name!r}: this local path does not exist")
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS
     )

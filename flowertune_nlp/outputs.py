@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -14,8 +13,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowertune_nlp.config import PACKAGE_PREFIX, AppConfig
+from flowertune_nlp.config import AppConfig
 from flowertune_nlp.io import atomic_write_dir, atomic_write_json, atomic_write_text
+from flowertune_nlp.names import model_slug
 
 if TYPE_CHECKING:  # the launcher imports this module and needs no torch
     import torch
@@ -33,12 +33,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def model_slug(name: str) -> str:
-    """A file-name-safe short name for a model (hub id, path, GGUF or package: reference)."""
-    stem = Path(name.removeprefix(PACKAGE_PREFIX)).name.removesuffix(".gguf")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
 
 
 def default_run_name(config: AppConfig) -> str:

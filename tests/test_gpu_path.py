@@ -20,7 +20,8 @@ from conftest import SMOLLM2
 
 from flowertune_nlp import hardware, launch, training
 from flowertune_nlp.config import build_config
-from flowertune_nlp.models import choose_precision, gguf_dequantized_dtype, resolve_package_file
+from flowertune_nlp.models import choose_precision, gguf_dequantized_dtype
+from flowertune_nlp.names import resolve_package_file
 from flowertune_nlp.nodes import Source
 
 
