@@ -23,6 +23,7 @@ from evaluation.mmlu import (
     parse_categories,
 )
 from evaluation.protocols import Prediction, run_flowertune, run_logprob
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.io import atomic_write_json, atomic_write_text
 from flowertune_nlp.models import (
     Precision,
@@ -154,10 +155,10 @@ def attach_adapter(model, peft_path: str, base_model: str, allow_base_mismatch: 
     except Exception as err:  # any load failure must stop the evaluation
         raise AdapterError(f"adapter {path} failed to load: {type(err).__name__}: {err}") from err
     loaded = get_peft_model_state_dict(model)
-    missing = sorted(set(saved) - set(loaded))
-    if missing or any(loaded[k].shape != v.shape for k, v in saved.items()):
-        raise AdapterError(f"adapter {path} does not fit base model {base_model!r}: "
-                           f"{len(missing)} tensors unused, e.g. {missing[:2]}")
+    reason = adapter_mismatch(saved, loaded,
+                              is_finite=lambda t: bool(torch.isfinite(t).all()))
+    if reason:
+        raise AdapterError(f"adapter {path} does not fit base model {base_model!r}: {reason}")
     for key, tensor in saved.items():
         value = loaded[key].detach().cpu().float()
         if not torch.allclose(value, tensor.float(), rtol=1e-2, atol=1e-3):  # bf16 rounding

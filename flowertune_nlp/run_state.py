@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.comm import CommLedger
 from flowertune_nlp.config import RUN_CONFIG_KEY_BY_PATH, AppConfig
 from flowertune_nlp.io import atomic_write_dir
@@ -191,17 +192,11 @@ def _changed_keys(saved: dict, current: dict, prefix: tuple[str, ...]) -> list[s
 def check_adapter_fits(saved: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
                        run_dir: Path, model_name: str) -> None:
     """The saved global adapter must have exactly the tensor names and shapes the model needs."""
-    adapter_file = state_dir(run_dir) / ADAPTER_FILE
-    missing = sorted(set(expected) - set(saved))[:3]
-    extra = sorted(set(saved) - set(expected))[:3]
-    shapes = [f"{k}: saved {tuple(saved[k].shape)}, model needs {expected[k]}"
-              for k in sorted(set(saved) & set(expected))
-              if tuple(saved[k].shape) != expected[k]][:3]
-    if missing or extra or shapes:
+    reason = adapter_mismatch(saved, expected)
+    if reason:
         raise StateError(
-            f"{adapter_file} does not fit {model_name} with this LoRA config: missing "
-            f"{missing}, unexpected {extra}, wrong shapes {shapes}; it was saved for another "
-            "base model or other LoRA settings"
+            f"{state_dir(run_dir) / ADAPTER_FILE} does not fit {model_name} with this LoRA "
+            f"config: {reason}; it was saved for another base model or other LoRA settings"
         )
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from flowertune_nlp import faults
 from flowertune_nlp import messages as wire
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger, cast_record
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.nodes import (
@@ -52,19 +53,8 @@ def round_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_mi
 def screen_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
     """Why a client's adapter must not be averaged in (wrong keys, shapes or dtype, non-finite
     values), or None when it is sound."""
-    if set(update) != set(reference):
-        missing = sorted(set(reference) - set(update))[:2]
-        extra = sorted(set(update) - set(reference))[:2]
-        return f"wrong keys: missing {missing}, unexpected {extra}"
-    for key, array in update.items():
-        if tuple(array.shape) != tuple(reference[key].shape):
-            return f"wrong shape for {key}: {tuple(array.shape)}, expected " \
-                   f"{tuple(reference[key].shape)}"
-        if array.dtype != reference[key].dtype:
-            return f"wrong dtype for {key}: {array.dtype}, expected {reference[key].dtype}"
-        if not np.isfinite(array.numpy()).all():
-            return f"non-finite values in {key}"
-    return None
+    return adapter_mismatch(update, reference, dtype_of=lambda array: array.dtype,
+                            is_finite=lambda array: bool(np.isfinite(array.numpy()).all()))
 
 
 def short_reason(reason: str, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.data import (
     TokenizedPartition,
@@ -118,19 +119,10 @@ def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     non-finite tensors."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    received = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != received:
-        missing = sorted(set(expected) - set(received))[:3]
-        extra = sorted(set(received) - set(expected))[:3]
-        shapes = [k for k in set(expected) & set(received) if expected[k] != received[k]][:3]
-        raise ValueError(
-            f"adapter does not fit this model: missing {missing}, unexpected {extra}, "
-            f"wrong shapes {shapes}"
-        )
-    non_finite = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if non_finite:
-        raise ValueError(f"adapter has non-finite values in {non_finite[:3]}")
+    reason = adapter_mismatch(state, get_peft_model_state_dict(model),
+                              is_finite=lambda t: bool(torch.isfinite(t).all()))
+    if reason:
+        raise ValueError(f"adapter does not fit this model: {reason}")
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -47,7 +47,7 @@ def test_client_round_trains_dense_and_4bit_on_cpu(quantization, tiny_model_dir,
 
 
 @pytest.mark.parametrize("defect, message", [
-    ("shape", "wrong shapes"), ("keys", "unexpected"), ("nan", "non-finite values")])
+    ("shape", "wrong shape for"), ("keys", "unexpected"), ("nan", "non-finite values")])
 def test_defective_global_adapter_is_refused(defect, message, tiny_model_dir, alpaca_sample):
     config = build_config({"model.name": str(tiny_model_dir), "model.quantization": 0,
                            "static.dataset.name": str(alpaca_sample)})
