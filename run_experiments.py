@@ -20,6 +20,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
 from flowertune_nlp.outputs import current_status, read_status
@@ -122,8 +123,7 @@ def validate(args: argparse.Namespace) -> dict:
 
 
 def environment(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", FLWR_TELEMETRY_ENABLED="0",
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **QUIET_ENVIRONMENT, PYTHONUNBUFFERED="1")
     if args.data_dir is not None:
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env

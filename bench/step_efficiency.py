@@ -93,7 +93,7 @@ def main() -> None:
     if args.child:
         measure(args)
         return
-    from flowertune_nlp.launch import find_jemalloc
+    from flowertune_nlp.flower_home import find_jemalloc
 
     allocators = {"system": None}
     if find_jemalloc():

@@ -12,262 +12,37 @@ group, so nothing is left running. It also keeps Flower's state in a repo-local 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
 import tomli_w
 
 from flowertune_nlp import hardware
 from flowertune_nlp.config import ConfigError, build_config
+from flowertune_nlp.flower_home import (
+    FEDERATION,
+    federation_config,
+    flower_environment,
+    write_flower_home,
+)
 from flowertune_nlp.outputs import current_status, default_run_name
+from flowertune_nlp.processes import (
+    start_superlink,
+    stop_local_superlink,
+    stop_process_tree,
+    wait_for_flwr_run,
+)
+from flowertune_nlp.run_config import merge_run_configs
 from flowertune_nlp.run_state import StateError, open_resumable
 
 APP_DIR = Path(__file__).resolve().parents[1]
-FEDERATION = "local"
-# The simulation runtime runs the ServerApp (and Ray); a deployment runs `flwr-serverapp`.
-SERVER_APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
 
-
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-                  "/usr/local/lib/libjemalloc.so.2")
-
-
-def find_jemalloc() -> str | None:
-    """jemalloc, where the system has it (Debian/Ubuntu: apt install libjemalloc2)."""
-    return next((path for path in JEMALLOC_PATHS if Path(path).is_file()), None)
-
-
-def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]:
-    """The environment every Flower process of a run needs (inherited by ClientApps).
-
-    With `jemalloc`, and where it is installed, it is preloaded into every Flower process: it
-    cut a run's peak memory by 0.3 GB RSS / 0.5 GB PSS here (steps were not faster;
-    bench/step_efficiency.py and bench/peak_rss.py measure both).
-    """
-    env = dict(os.environ)
-    library = find_jemalloc() if jemalloc else None
-    if library and library not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = " ".join(filter(None, [library, env.get("LD_PRELOAD")]))
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # else `uv sync` pulls CUDA torch
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_DEDUP_LOGS="0",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
-    # Flower spawns `flower-superexec` and `flwr-simulation` by name: they must be on PATH.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def write_flower_home(flwr_home: Path) -> Path:
-    """A Flower configuration whose default connection is a local simulation SuperLink (the
-    federation's size and resources go to `flwr run --federation-config`)."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n'
-                    f'[superlink.{FEDERATION}]\naddress = ":local:"\n')
-    return path
-
-
-def federation_config(num_supernodes: int, cpus_per_client: int, gpus_per_client: float
-                      ) -> str:
-    """`flwr run --federation-config` for `num_supernodes` simulated nodes."""
-    return (f"num-supernodes={num_supernodes} "
-            f"client-resources-num-cpus={cpus_per_client} "
-            f"client-resources-num-gpus={gpus_per_client}")
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, so two runs on one machine never collide."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _superlink_healthy(port: str) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.4).is_success
-    except httpx.HTTPError:
-        return False
-
-
-def start_superlink(env: dict[str, str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
-    """Start the simulation SuperLink that `flwr run` would start, but owned by us, on the free
-    ports in `env` (the `flwr` CLI reads the same variables to find it)."""
-    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-    control = env["FLWR_LOCAL_CONTROL_API_PORT"]
-    runtime = flwr_home / "local-superlink"
-    runtime.mkdir(parents=True, exist_ok=True)
-    command = [
-        str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
-        "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{control}",
-        "--host", "127.0.0.1", "--port", port, "--database", ":flwr-in-memory:",
-        "--log-file", str(log_file),
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {process.returncode}; "
-                               f"see {log_file}")
-        if _superlink_healthy(port):
-            return process
-        time.sleep(0.2)
-    stop_process_tree(process)
-    raise RuntimeError(f"flower-superlink did not start within 60 s; see {log_file}")
-
-
-def launched_processes(root: subprocess.Popen | int, sessions: set[int]
-                       ) -> list[psutil.Process]:
-    """The root, its descendants, and every process in one of `sessions`.
-
-    Flower starts SuperExec detached in its own session, so a process-group kill would miss
-    it. Ray processes whose parent was killed are re-parented to init and are no longer
-    descendants, but they stay in that session.
-    """
-    family: dict[int, psutil.Process] = {}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        top = psutil.Process(root if isinstance(root, int) else root.pid)
-        family.update({p.pid: p for p in [top, *top.children(recursive=True)]})
-    sessions = (sessions | launched_sessions(list(family.values()))) - {os.getsid(0)}
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getsid(proc.pid) in sessions:
-                family[proc.pid] = proc
-    return list(family.values())
-
-
-def launched_sessions(processes: list[psutil.Process]) -> set[int]:
-    sessions = set()
-    for proc in processes:
-        with contextlib.suppress(ProcessLookupError):
-            sessions.add(os.getsid(proc.pid))
-    return sessions
-
-
-def terminate_then_kill(processes: list[psutil.Process], grace: float = 10.0) -> None:
-    """SIGTERM every process, then SIGKILL whatever is still there after `grace` seconds."""
-    for member in processes:
-        with contextlib.suppress(psutil.Error):
-            member.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for member in alive:
-        with contextlib.suppress(psutil.Error):
-            member.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-def stop_process_tree(process: subprocess.Popen | int, sessions: Iterable[int] = (),
-                      grace: float = 10.0) -> None:
-    """Stop a process, all its descendants (SuperExec, simulation runtime, Ray) and every
-    process left in the sessions they opened."""
-    terminate_then_kill(launched_processes(process, set(sessions)), grace)
-    if isinstance(process, subprocess.Popen):
-        process.poll()
-
-
-def stop_local_superlink(port: str | None = None) -> list[int]:
-    """Stop the simulation SuperLink a plain `flwr run` leaves running on 127.0.0.1:`port`
-    (Flower's default 39091, or FLWR_LOCAL_SUPERLINK_HTTP_API_PORT), with its SuperExec,
-    simulation runtime and Ray processes. Flower 1.42 has no command for this. Returns the
-    SuperLink PIDs it stopped."""
-    port = port or os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
-    stopped = []
-    for proc in psutil.process_iter(["cmdline"]):
-        words = proc.info["cmdline"] or []
-        if any(Path(w).name == "flower-superlink" for w in words[:2]) and any(
-                a == "--port" and b == port for a, b in itertools.pairwise(words)):
-            stop_process_tree(proc.pid)
-            stopped.append(proc.pid)
-    return stopped
-
-
-def server_app_alive(descendants: list[psutil.Process]) -> bool | None:
-    """Whether the process running the ServerApp is alive; None if it never appeared."""
-    for proc in descendants:
-        with contextlib.suppress(psutil.Error):
-            if any(name in " ".join(proc.cmdline()) for name in SERVER_APP_PROCESSES):
-                return proc.status() != psutil.STATUS_ZOMBIE
-    return None
-
-
-def wait_for_flwr_run(command: list[str], env: dict[str, str], superlink: subprocess.Popen,
-                      sessions: set[int], grace: float = 10.0) -> None:
-    """Run `flwr run` to its end, noting the sessions Flower's processes open. If the process
-    running the ServerApp dies (killed, out of memory), `flwr run --stream` waits for logs
-    forever; stop it `grace` seconds later."""
-    runner = subprocess.Popen(command, env=env, cwd=os.getcwd())
-    seen, gone_since = False, None
-    try:
-        while runner.poll() is None:
-            time.sleep(0.5)
-            try:
-                descendants = psutil.Process(superlink.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                descendants = []
-            sessions |= launched_sessions(descendants)
-            alive = server_app_alive(descendants) if descendants else False
-            seen = seen or bool(alive)
-            if seen and not alive:
-                gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > grace:
-                    print("error: the ServerApp process ended but `flwr run` did not; stopping "
-                          "it", file=sys.stderr)
-                    runner.terminate()
-                    runner.wait(timeout=10)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-
-
-def merge_run_configs(run_configs: list[str | Mapping[str, Any]]) -> dict:
-    """Fuse TOML files, 'key=value' overrides and mappings (later wins) into one flat mapping.
-
-    `flwr run` refuses a TOML file alongside key-value pairs; a preset plus a local dataset
-    path is exactly what an offline user needs, so the launcher merges them first.
-    """
-    import click
-    from flwr.common.config import parse_config_args
-
-    merged: dict = {}
-    for run_config in run_configs:
-        if isinstance(run_config, Mapping):  # callers in Python (benchmarks, tests)
-            merged.update(run_config)
-            continue
-        # Flower silently skips text that is not key=value (`seed=` would start a run on the
-        # defaults), so every whitespace-separated token, quoted values emptied, must be one.
-        tokens = re.sub(r"'[^']*'|\"[^\"]*\"", '""', run_config).split()
-        stray = [t for t in tokens if not re.fullmatch(r"[^=\s]+=\S+", t)]
-        if not run_config.endswith(".toml") and stray:
-            raise ConfigError(f"--run-config {run_config!r}: {stray[0]!r} is not key=value; "
-                              'write e.g. seed=7 or model.name="path/to/model"')
-        try:
-            merged.update(parse_config_args([run_config]))
-        except (click.ClickException, ValueError, OSError) as err:
-            message = err.format_message() if isinstance(err, click.ClickException) else err
-            raise ConfigError(f"--run-config {run_config!r}: {message}") from None
-    return merged
 
 
 @dataclass
@@ -367,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"status": outcome.status,
                       "run_dir": str(outcome.run_dir) if outcome.run_dir else None}))
     return outcome.exit_code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,9 @@ import torch
 from flower_runs import flower_processes, tiny_settings
 from safetensors.torch import load_file
 
-from flowertune_nlp.launch import APP_DIR, free_port, run_app, stop_local_superlink
+from flowertune_nlp.flower_home import free_port
+from flowertune_nlp.launch import APP_DIR, run_app
+from flowertune_nlp.processes import stop_local_superlink
 
 pytestmark = pytest.mark.slow
 

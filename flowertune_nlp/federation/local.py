@@ -50,8 +50,8 @@ from flowertune_nlp.federation.processes import (
     stop_federation,
     strip_ansi,
 )
+from flowertune_nlp.flower_home import flower_environment
 from flowertune_nlp.io import atomic_write_json, atomic_write_text
-from flowertune_nlp.launch import flower_environment
 
 DEFAULT_NAME = "local-deployment"
 REGISTRATIONS = "registrations.json"

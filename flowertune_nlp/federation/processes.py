@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from flowertune_nlp.io import atomic_write_json
-from flowertune_nlp.launch import terminate_then_kill
+from flowertune_nlp.processes import terminate_then_kill
 
 LOOPBACK = "127.0.0.1"
 MARKER = "FLOWERTUNE_FEDERATION_DIR"  # in the environment of everything a federation starts
