@@ -20,6 +20,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import tomli_w
+
 from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
@@ -151,17 +153,19 @@ def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> di
     log_file = pair_dir / "train.log"
     seconds = 0.0
     if not (resume and read_status(record_file) == "completed"):
-        dataset = task_source(args, task, "dataset")
-        overrides = (f'model.name="{model}" static.dataset.name="{dataset}" '
-                     f'output-dir="{pair_dir}" run-name="{run_dir.name}"')
+        # The pair's own settings go in a TOML file: no quoting of paths or model names.
+        overrides = {"model.name": model, "static.dataset.name": task_source(args, task, "dataset"),
+                     "output-dir": str(pair_dir), "run-name": run_dir.name}
         if resume:
-            overrides += f' run.resume="{run_dir}"'
+            overrides["run.resume"] = str(run_dir)
+        overrides_file = pair_dir / "run-config.toml"
+        atomic_write_text(overrides_file, tomli_w.dumps(overrides))
         command = [sys.executable, "-m", "flowertune_nlp.launch"]
         if args.preset:
             command += ["--run-config", str(CONFIGS / f"{args.preset}.toml")]
         for extra in args.run_config:
             command += ["--run-config", extra]
-        command += ["--run-config", overrides]
+        command += ["--run-config", str(overrides_file)]
         start = time.perf_counter()
         code = run_logged(command, log_file, env)
         seconds = time.perf_counter() - start
