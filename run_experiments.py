@@ -22,6 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
+from evaluation.mmlu import CATEGORY_TITLES, LEADERBOARD_CATEGORIES
 from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
@@ -30,8 +31,7 @@ from flowertune_nlp.outputs import current_status, read_status
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 TASKS_FILE = ROOT / "tasks.toml"
-CATEGORY_COLUMNS = (("stem", "STEM"), ("social_sciences", "Social Sciences"),
-                    ("humanities", "Humanities"))
+CATEGORY_COLUMNS = tuple((key, CATEGORY_TITLES[key]) for key in LEADERBOARD_CATEGORIES)
 
 
 _sweep_log: Path | None = None

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from evaluation.mmlu import load_questions, parse_categories
+from evaluation.mmlu import LEADERBOARD_CATEGORIES, load_questions, parse_categories
 from evaluation.runner import (
     PROTOCOLS,
     AdapterError,
@@ -31,7 +31,7 @@ from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_wri
 from flowertune_nlp.models import release_memory
 from flowertune_nlp.outputs import current_status
 
-CATEGORY_KEYS = ("stem", "social_sciences", "humanities")
+CATEGORY_KEYS = LEADERBOARD_CATEGORIES
 
 
 def checkpoints(run_dir: Path) -> tuple[str, dict[int, str], dict[int, float]]:

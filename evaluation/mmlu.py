@@ -36,6 +36,9 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
 }
 LEADERBOARD_CATEGORIES = ("stem", "social_sciences", "humanities")
+# What tables and plots call each category.
+CATEGORY_TITLES = {"stem": "STEM", "social_sciences": "Social Sciences", "humanities": "Humanities",
+                   "other": "Other"}
 ALL_SUBJECTS = tuple(sorted(s for subjects in CATEGORIES.values() for s in subjects))
 SUBJECT_CATEGORY = {s: c for c, subjects in CATEGORIES.items() for s in subjects}
 HUB_DATASET = "cais/mmlu"
