@@ -5,6 +5,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.config import ConfigError, build_config
 from flowertune_nlp.faults import (
     Fault,
@@ -53,6 +54,25 @@ def test_screen_rejects_broken_updates(defect, reason):
     assert reason in screen_update(_record(corrupt_reply(defect, good)), _record(good))
     inf = dict(good, **{"a.lora_B.weight": torch.full((3, 2), np.inf)})
     assert "non-finite" in screen_update(_record(inf), _record(good))
+
+
+def test_one_adapter_check_for_shapes_arrays_and_tensors():
+    """adapter_mismatch takes bare shapes, numpy arrays or torch tensors; the first failing
+    check (keys, shapes, dtypes, finiteness) gives the reason."""
+    expected = {"a": (2, 3), "b": (3, 2)}
+    good = {"a": np.zeros((2, 3)), "b": torch.zeros(3, 2)}
+    assert adapter_mismatch(good, expected) is None
+    assert adapter_mismatch({"a": (2, 3)}, expected) == "wrong keys: missing ['b'], unexpected []"
+    assert adapter_mismatch(dict(good, c=(1,)), expected).endswith("unexpected ['c']")
+    assert adapter_mismatch(dict(good, b=(2, 3)), expected) == \
+        "wrong shape for b: (2, 3), expected (3, 2)"
+    reference = {"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 2), np.float32)}
+    assert adapter_mismatch(dict(reference, b=np.zeros((3, 2), np.float16)), reference,
+                            dtype_of=lambda x: x.dtype).startswith("wrong dtype for b: float16")
+    nan = dict(good, a=np.full((2, 3), np.nan))
+    assert adapter_mismatch(nan, expected) is None  # finiteness only when asked
+    assert adapter_mismatch(nan, expected, is_finite=lambda x: bool(np.isfinite(x).all())) == \
+        "non-finite values in a"
 
 
 def test_partition_sampling_is_a_function_of_seed_and_round():
