@@ -57,7 +57,11 @@ def test_presets_parse(tmp_path):
     for preset in sorted((ROOT / "configs").glob("*.toml")):
         overrides = tomllib.loads(preset.read_text())
         config = build_config(overrides)
-        assert config.dataset.num_partitions == 20, preset
+        for name, value in overrides.items():  # every key the preset sets is applied as written
+            applied = config
+            for attribute in KEYS[name].path:
+                applied = getattr(applied, attribute)
+            assert toml_value(applied) == value, (preset.name, name)
 
 
 @pytest.mark.parametrize(

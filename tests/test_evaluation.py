@@ -143,14 +143,20 @@ def _request(base, mmlu_dir, tmp_path, **kwargs) -> EvalRequest:
 
 def test_adapter_changes_scores_and_result_files_agree(tiny_model_dir, tiny_adapter, mmlu_dir,
                                                        tmp_path):
+    base = evaluate(_request(tiny_model_dir, mmlu_dir, tmp_path / "base"))
+    assert base["scored"] == "base model (no adapter)"
     result = evaluate(_request(tiny_model_dir, mmlu_dir, tmp_path, peft_path=str(tiny_adapter)))
     assert result["scored"] == "adapter"
     rows = [json.loads(x) for x in Path(result["predictions_file"]).read_text().splitlines()]
+    base_rows = [json.loads(x) for x in Path(base["predictions_file"]).read_text().splitlines()]
     for protocol, summary in result["protocols"].items():
         mine = [r for r in rows if r["protocol"] == protocol]
         assert len(mine) == summary["questions"] == 19
         assert summary["overall"]["correct"] == sum(r["correct"] for r in mine)
-        assert 0 <= summary["categories"]["stem"]["accuracy"] <= 1
+        stem = summary["categories"]["stem"]
+        assert stem["accuracy"] == stem["correct"] / stem["total"]
+    # The adapter (B drawn at std 0.5) changes what the model answers.
+    assert [r["prediction"] for r in rows] != [r["prediction"] for r in base_rows]
     assert json.loads((tmp_path / "result.json").read_text())["protocols"].keys() == {
         "flowertune", "logprob"}
 

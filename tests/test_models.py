@@ -9,18 +9,10 @@ from flowertune_nlp.config import build_config
 from flowertune_nlp.faults import corrupt_reply
 from flowertune_nlp.models import (
     adapter_shapes,
-    choose_precision,
     fresh_adapter,
     load_tokenizer,
 )
 from flowertune_nlp.nodes import Source
-
-
-def test_precision_is_what_the_hardware_offers():
-    assert choose_precision("fp32", 0).bf16 is False
-    auto = choose_precision("auto", 4)
-    assert auto.quantization == 4 and auto.device in ("cpu", "cuda")
-    assert "nf4 4-bit" in auto.describe()
 
 
 def test_pad_token_differs_from_eos(tiny_model_dir):
@@ -91,3 +83,30 @@ def test_a_hub_base_model_is_fetched_once_by_the_server(monkeypatch, tiny_model_
     assert "*.safetensors" in calls[0]["allow_patterns"]
     assert fetch_base_model(str(tiny_model_dir)) == str(tiny_model_dir)
     assert len(calls) == 1  # local folders are never downloaded
+
+
+def test_lean_trainer_trains_exactly_as_stock_trl(tiny_model_dir, alpaca_sample, tmp_path):
+    """The lean trainer drops TRL's per-step entropy/accuracy metrics only: the same steps on
+    the same batches give the same loss and the same adapter as TRL's own SFTTrainer."""
+    from flowertune_nlp.data import examples_for_round
+
+    config = build_config({
+        "model.name": str(tiny_model_dir), "model.quantization": 0, "model.precision": "fp32",
+        "static.dataset.name": str(alpaca_sample), "train.seq-length": 128,
+        "train.training-arguments.max-steps": 2,
+        "train.training-arguments.per-device-train-batch-size": 2,
+    })
+    client = training.get_client_model(config)
+    start = training.lora_state_dict(client.model)
+    examples = examples_for_round(training.get_partition(config, Source(0), client.tokenizer),
+                                  4, config.seed, 1, 0)
+    losses, adapters = [], []
+    for token_metrics in (True, False):
+        training.set_lora_state_dict(client.model, start)
+        trainer = training.make_trainer(config, client, examples, 1e-3, 7,
+                                        str(tmp_path / str(token_metrics)), token_metrics)
+        losses.append(trainer.train().training_loss)
+        adapters.append(training.lora_state_dict(client.model))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert all(torch.allclose(adapters[1][k], adapters[0][k], atol=1e-6) for k in start)
+    assert any(not torch.equal(adapters[1][k], start[k]) for k in start)  # it did train

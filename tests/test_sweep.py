@@ -38,7 +38,9 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     for column in ("logprob STEM", "logprob Social Sciences", "logprob Humanities",
                    "logprob Average", "Comm. Costs (MB)", "Rounds"):
         assert good[column] not in ("", None), column
-    assert 0 <= float(good["logprob Average"]) <= 100
+    scored = json.loads((sweep_dir / tiny_model_dir.name / "eval.json").read_text())
+    assert float(good["logprob Average"]) == pytest.approx(
+        100 * scored["protocols"]["logprob"]["average"], abs=0.01)
     assert (sweep_dir / "results.png").stat().st_size > 10_000
     assert "| Model |" in (sweep_dir / "results.md").read_text()
     pair = json.loads((sweep_dir / tiny_model_dir.name / "pair.json").read_text())
