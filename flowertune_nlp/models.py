@@ -264,7 +264,6 @@ def add_lora(model, settings: LoraSettings):
 def _meta_lora_model(model_path: str, settings: LoraSettings):
     """The base model + LoRA built on the meta device from the config alone: no weights are
     read and no memory is allocated."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -284,7 +283,6 @@ def fresh_adapter(model_path: str, settings: LoraSettings, seed: int) -> dict:
     """A newly initialised LoRA adapter (PEFT's init: Kaiming-uniform A, zero B), fp32, without
     loading the base weights: only the LoRA tensors leave the meta device. The server needs
     nothing else of the model, so it never holds a copy of it."""
-    import torch
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
