@@ -9,11 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from flowertune_nlp.comm import MB
+from flowertune_nlp.comm import MB, TRANSPORT_BYTES, expected_total_bytes
 from flowertune_nlp.config import build_config
 from flowertune_nlp.logs import use_flower_log_handlers
 from flowertune_nlp.models import fetch_base_model, fresh_adapter, resolve_model_path
-from flowertune_nlp.nodes import NodeDirectory
+from flowertune_nlp.nodes import NodeDirectory, clients_per_round
 from flowertune_nlp.outputs import RunOutputs
 from flowertune_nlp.run_state import open_resumable
 from flowertune_nlp.strategy import FlowerTuneFedAvg, RunStopped
@@ -52,6 +52,12 @@ def main(grid: Grid, context: Context) -> None:
             model_path, config.model.lora, config.seed)
         nodes = NodeDirectory(grid, simulated, config.dataset.num_partitions,
                               config.federation.min_nodes, config.federation.wait_seconds)
+        if simulated:  # a deployment's clients per round depend on the nodes that join
+            planned = expected_total_bytes(
+                [tuple(v.shape) for v in initial.values()], config.num_server_rounds,
+                clients_per_round(config.dataset.num_partitions, config.strategy.fraction_train),
+                TRANSPORT_BYTES[config.comm.transport])
+            log.info("planned communication by the published formula: %.2f MB", planned / MB)
         strategy = FlowerTuneFedAvg(config, outputs, nodes, resumed)
         strategy.start(
             grid=grid,

@@ -10,8 +10,47 @@ from flowertune_nlp.comm import (
     arrayrecord_tensor_bytes,
     cast_record,
     expected_total_bytes,
-    lora_shapes_from_config,
 )
+
+
+# How the published numbers follow from a model's config alone (no weights): the LoRA A (r x in)
+# and B (out x r) tensors of the targeted projections in every layer.
+def lora_shapes(
+    hidden_size: int,
+    num_layers: int,
+    module_out_features: dict[str, int],
+    rank: int,
+    module_in_features: dict[str, int] | None = None,
+) -> list[tuple[int, int]]:
+    """Shapes of the LoRA A (r x in) and B (out x r) tensors for the targeted linear layers."""
+    shapes = []
+    for _ in range(num_layers):
+        for module, out_features in module_out_features.items():
+            in_features = (module_in_features or {}).get(module, hidden_size)
+            shapes += [(rank, in_features), (out_features, rank)]
+    return shapes
+
+
+def lora_shapes_from_config(model_config, target_modules: tuple[str, ...], rank: int):
+    """LoRA tensor shapes for the attention/MLP projections of a Llama/Qwen/Mistral config."""
+    hidden = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    inter = model_config.intermediate_size
+    out = {
+        "q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
+        "o_proj": hidden, "gate_proj": inter, "up_proj": inter, "down_proj": hidden,
+    }
+    inputs = {"o_proj": heads * head_dim, "down_proj": inter}
+    unknown = [m for m in target_modules if m not in out]
+    if unknown:
+        raise ValueError(f"cannot derive LoRA shapes for modules {unknown} from a config alone")
+    return lora_shapes(
+        hidden, model_config.num_hidden_layers, {m: out[m] for m in target_modules}, rank,
+        {m: inputs[m] for m in target_modules if m in inputs},
+    )
+
 
 QWEN25_7B = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                         num_attention_heads=28, num_key_value_heads=4)
