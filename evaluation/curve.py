@@ -17,7 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from evaluation.mmlu import LEADERBOARD_CATEGORIES, load_questions, parse_categories
+from evaluation.mmlu import (
+    CATEGORY_TITLES,
+    LEADERBOARD_CATEGORIES,
+    load_questions,
+    parse_categories,
+)
 from evaluation.runner import (
     PROTOCOLS,
     AdapterError,
@@ -64,7 +69,8 @@ def row_for(server_round: int, comm_mb: float, result: dict) -> dict:
 def markdown(rows: list[dict], protocols: tuple[str, ...]) -> str:
     head = ["Round", "Comm MB"]
     for protocol in protocols:
-        head += [f"{protocol} {k}" for k in ("STEM", "SocSci", "Hum", "Avg")]
+        head += [f"{protocol} {CATEGORY_TITLES[k]}" for k in CATEGORY_KEYS]
+        head.append(f"{protocol} Average")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = ["base" if row["round"] == 0 else str(row["round"]), f"{row['comm_mb']:.1f}"]

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from evaluation.mmlu import (
     CATEGORIES,
+    CATEGORY_TITLES,
     HUB_DATASET,
     LEADERBOARD_CATEGORIES,
     LETTERS,
@@ -274,10 +275,9 @@ def score(request: EvalRequest, model, tokenizer, precision: Precision, question
 
 def format_table(result: dict) -> str:
     """The one-screen summary: accuracy per category and protocol, with warnings."""
-    names = {"stem": "STEM", "social_sciences": "Social Sci.", "humanities": "Humanities",
-             "other": "Other"}
     cats = [c for c in CATEGORIES if c in result["categories"]]
-    header = f"{'protocol':<11}" + "".join(f"{names[c]:>13}" for c in cats) + f"{'Average':>10}"
+    header = f"{'protocol':<11}" + "".join(f"{CATEGORY_TITLES[c]:>16}" for c in cats) + \
+        f"{'Average':>10}"
     lines = [f"MMLU — {result['scored']}: {result['base_model']}"
              + (f" + {result['peft_path']}" if result["peft_path"] else ""), header]
     for protocol, summary in result["protocols"].items():
@@ -285,7 +285,7 @@ def format_table(result: dict) -> str:
         for c in cats:
             score = summary["categories"][c]
             flag = "!" if score["below_chance"] else " "
-            row += f"{100 * score['accuracy']:>11.2f}%{flag}"
+            row += f"{100 * score['accuracy']:>14.2f}%{flag}"
         average = summary["average"]
         row += f"{100 * average:>9.2f}%" if average is not None else f"{'-':>10}"
         lines.append(row)
