@@ -21,20 +21,10 @@ def flower_processes() -> list[str]:
     return found
 
 
-def tiny_run_config(model_dir: Path, data: Path, out: Path, name: str, rounds: int = 2,
-                    extra: str = "") -> list[str]:
-    return [
-        f'num-server-rounds={rounds} model.name="{model_dir}" model.quantization=0 '
-        f'static.dataset.name="{data}" train.seq-length=128 train.save-every-round=1 '
-        "train.training-arguments.max-steps=2 "
-        "train.training-arguments.per-device-train-batch-size=2 "
-        f'output-dir="{out}" run-name="{name}" {extra}'
-    ]
-
-
 def tiny_settings(model_dir: Path, data: Path, out: Path, name: str, rounds: int = 2,
                   **extra) -> dict:
-    """`tiny_run_config` as a mapping (for TOML files and `run_app`)."""
+    """Two short rounds on the tiny model and a local dataset, as a run-config mapping (for TOML
+    files and `run_app`)."""
     return {
         "num-server-rounds": rounds, "model.name": str(model_dir), "model.quantization": 0,
         "static.dataset.name": str(data), "train.seq-length": 128,
@@ -42,3 +32,9 @@ def tiny_settings(model_dir: Path, data: Path, out: Path, name: str, rounds: int
         "train.training-arguments.per-device-train-batch-size": 2,
         "output-dir": str(out), "run-name": name, **extra,
     }
+
+
+def tiny_run_config(model_dir: Path, data: Path, out: Path, name: str, rounds: int = 2,
+                    extra: str = "") -> list:
+    """`tiny_settings` plus `key=value` overrides, as `run_app` takes them."""
+    return [tiny_settings(model_dir, data, out, name, rounds), extra]

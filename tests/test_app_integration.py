@@ -74,7 +74,7 @@ def test_two_round_simulation_saves_reloadable_adapter(tiny_model_dir, alpaca_sa
 def test_bad_config_is_rejected_before_any_process_starts(tiny_model_dir, alpaca_sample,
                                                            tmp_path):
     config = tiny_run_config(tiny_model_dir, alpaca_sample, tmp_path, "bad")
-    outcome = run_app([config[0] + " model.lora.peft-lora-r=0"])
+    outcome = run_app([*config, "model.lora.peft-lora-r=0"])
     assert (outcome.exit_code, outcome.status) == (2, "rejected")
     assert "model.lora.peft-lora-r" in outcome.error and "> 0" in outcome.error
     assert not (tmp_path / "bad").exists()

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from flowertune_nlp.flower_home import free_port as probe_free_port
 from flowertune_nlp.io import atomic_write_json
 from flowertune_nlp.processes import terminate_then_kill
 
@@ -42,9 +42,7 @@ class FederationError(RuntimeError):
 def free_port(taken: set[int] | None = None) -> int:
     """A TCP port nobody listens on now (the kernel's pick for port 0), not in `taken`."""
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
+        port = probe_free_port()
         if not taken or port not in taken:
             if taken is not None:
                 taken.add(port)
