@@ -5,7 +5,8 @@ numbers sit in its table. It reads one generated token, so it measures format co
 as knowledge.
 
 logprob: lm-evaluation-harness's MMLU protocol: the choice whose continuation " A".." D" is most
-likely. One forward pass per question; nothing can fail to parse.
+likely. One forward pass per question; nothing can fail to parse. Prompts and continuations are
+tokenised exactly as the harness's `HFLM` does (`harness_encode_pair`), BOS rule included.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Prediction:
     prediction: str | None  # "A".."D", or None when the output is not a letter A-D
     correct: bool
     raw_output: str | None = None
+    # logprob: the log-likelihood of each choice's continuation " A".." D", in that order.
+    loglikelihoods: tuple[float, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- flowertune
@@ -156,6 +159,46 @@ def logprob_prompt(q: Question, shots: Sequence[Question] = ()) -> str:
     return header + examples + _logprob_block(q)
 
 
+def harness_encode(tokenizer, text: str) -> list[int]:
+    """`HFLM.tok_encode(text)` of lm-evaluation-harness 0.4.9.2+ with its defaults
+    (`add_bos_token` unset): the tokenizer's own special tokens (so Gemma's `<bos>`, Llama 3's
+    `<|begin_of_text|>`; none for SmolLM2 or Qwen2.5), unless the text already starts with the
+    BOS string (the EOS string for a tokenizer without BOS), which is then not added twice."""
+    prefix = tokenizer.bos_token_id
+    if prefix is None:
+        prefix = tokenizer.eos_token_id
+    add_special_tokens = prefix is None or not text.startswith(tokenizer.decode(prefix))
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def harness_encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """`LM._encode_pair` of lm-evaluation-harness (causal models): trailing spaces of the context
+    move to the continuation; context + continuation is encoded whole and the continuation's
+    tokens are what follows the separately encoded context's length."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = harness_encode(tokenizer, context + continuation)
+    context_ids = harness_encode(tokenizer, context)
+    continuation_ids = whole[len(context_ids):]
+    if not continuation_ids:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens after the context")
+    return context_ids, continuation_ids
+
+
+def encode_logprob(tokenizer, questions: Sequence[Question],
+                   shots: dict[str, list[Question]] | None = None):
+    """Each question's context tokens and the tokens of its four continuations " A".." D",
+    as lm-evaluation-harness builds its loglikelihood requests (`harness_encode_pair`)."""
+    prompts, continuations = [], []
+    for q in questions:
+        context = logprob_prompt(q, (shots or {}).get(q.subject, ()))
+        pairs = [harness_encode_pair(tokenizer, context, f" {letter}") for letter in LETTERS]
+        prompts.append(pairs[0][0])  # the context's encoding does not depend on the choice
+        continuations.append([cont for _, cont in pairs])
+    return prompts, continuations
+
+
 @torch.inference_mode()
 def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int,
                 shots: dict[str, list[Question]] | None = None,
@@ -164,30 +207,31 @@ def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int
     tokenizers we use), one forward pass per prompt scores all four from its next-token
     distribution; otherwise each prompt + continuation runs, right-padded."""
     device = next(model.parameters()).device
-    prompts = [tokenizer(logprob_prompt(q, (shots or {}).get(q.subject, ())),
-                         add_special_tokens=False)["input_ids"] for q in questions]
-    continuations = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-                     for letter in LETTERS]
-    if all(len(c) == 1 for c in continuations):
-        scores = _score_next_token(model, tokenizer, prompts, [c[0] for c in continuations],
+    prompts, continuations = encode_logprob(tokenizer, questions, shots)
+    if all(len(c) == 1 for conts in continuations for c in conts):
+        scores = _score_next_token(model, tokenizer, prompts,
+                                   [[c[0] for c in conts] for conts in continuations],
                                    batch_size, device, progress)
     else:
         scores = _score_continuations(model, tokenizer, prompts, continuations, batch_size,
                                       device, progress)
     predictions = []
     for qi, q in enumerate(questions):
-        best = int(torch.argmax(scores[qi]))
-        predictions.append(Prediction(q, LETTERS[best], best == q.answer))
+        best = int(torch.argmax(scores[qi]))  # the first of equal maxima, as numpy's argmax
+        predictions.append(Prediction(q, LETTERS[best], best == q.answer,
+                                      loglikelihoods=tuple(scores[qi].tolist())))
     return predictions
 
 
 def _score_next_token(model, tokenizer, prompts, letter_ids, batch_size, device, progress):
-    scores = torch.empty((len(prompts), len(letter_ids)))
+    """`letter_ids[q]`: the one token of each continuation of question q."""
+    letter_ids = torch.tensor(letter_ids)
+    scores = torch.empty(letter_ids.shape)
 
     def run(batch: list[int]) -> None:
         inputs = _left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, device)
         logprobs = torch.log_softmax(_next_token_logits(model, inputs).float(), dim=-1)
-        scores[batch] = logprobs[:, letter_ids].cpu()
+        scores[batch] = logprobs.gather(1, letter_ids[batch].to(device)).cpu()
         if progress:
             progress(len(batch))
 
@@ -197,11 +241,12 @@ def _score_next_token(model, tokenizer, prompts, letter_ids, batch_size, device,
 
 def _score_continuations(model, tokenizer, prompts, continuations, batch_size, device,
                          progress):
-    """Sum of each continuation's token log-probabilities; right padding keeps every real
-    token's position and attention exactly as in an unbatched pass."""
+    """Sum of each continuation's token log-probabilities (`continuations[q][c]`: the tokens of
+    choice c of question q); right padding keeps every real token's position and attention
+    exactly as in an unbatched pass."""
     sequences = [(qi, c, ids + cont) for qi, ids in enumerate(prompts)
-                 for c, cont in enumerate(continuations)]
-    scores = torch.full((len(prompts), len(continuations)), float("-inf"))
+                 for c, cont in enumerate(continuations[qi])]
+    scores = torch.full((len(prompts), len(LETTERS)), float("-inf"))
     pad = tokenizer.pad_token_id
 
     def run(batch: list[int]) -> None:
@@ -216,12 +261,12 @@ def _score_continuations(model, tokenizer, prompts, continuations, batch_size, d
         rows, positions, tokens = [], [], []
         for row, s in enumerate(batch):
             qi, choice, _ = sequences[s]
-            start, cont = len(prompts[qi]), continuations[choice]
+            start, cont = len(prompts[qi]), continuations[qi][choice]
             rows += [row] * len(cont)
             positions += range(start - 1, start - 1 + len(cont))
             tokens += cont
         picked = logprobs[rows, positions, tokens].cpu().split(
-            [len(continuations[sequences[s][1]]) for s in batch])
+            [len(continuations[sequences[s][0]][sequences[s][1]]) for s in batch])
         for s, values in zip(batch, picked, strict=True):
             qi, choice, _ = sequences[s]
             scores[qi, choice] = values.sum()

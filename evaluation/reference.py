@@ -1,8 +1,9 @@
 """Straightforward one-question-at-a-time implementations of both protocols: `generate` per
 question for the leaderboard protocol, one forward pass per answer choice for the log-likelihood
 protocol (how lm-evaluation-harness scores a loglikelihood request). They are the yardstick
-for the batched versions in `protocols.py`: the tests require identical predictions and
-`bench/eval_throughput.py` measures the speed-up over them."""
+for the batched versions in `protocols.py`: the tests require identical predictions (and, for
+the log-likelihood protocol, the same four log-likelihoods) and `bench/eval_throughput.py`
+measures the speed-up over them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from evaluation.protocols import (
     LETTERS,
     Prediction,
     flowertune_prompt,
+    harness_encode_pair,
     logprob_prompt,
     parse_flowertune,
 )
@@ -39,17 +41,21 @@ def reference_flowertune(model, tokenizer, questions: Sequence[Question]) -> lis
 
 @torch.inference_mode()
 def reference_logprob(model, tokenizer, questions: Sequence[Question]) -> list[Prediction]:
+    """lm-evaluation-harness's causal loglikelihood, one request at a time: the model reads
+    (context + continuation)[:-1] and the continuation's tokens are scored at the last
+    len(continuation) positions."""
     device = next(model.parameters()).device
     predictions = []
     for q in questions:
-        prompt = tokenizer(logprob_prompt(q), add_special_tokens=False)["input_ids"]
         scores = []
         for letter in LETTERS:
-            continuation = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + continuation], device=device)
+            context, continuation = harness_encode_pair(tokenizer, logprob_prompt(q),
+                                                        f" {letter}")
+            ids = torch.tensor([(context + continuation)[:-1]], device=device)
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-            scores.append(sum(float(logprobs[len(prompt) - 1 + k, token])
-                              for k, token in enumerate(continuation)))
+            tail = logprobs[-len(continuation):]
+            scores.append(sum(float(tail[k, token]) for k, token in enumerate(continuation)))
         best = max(range(len(LETTERS)), key=scores.__getitem__)
-        predictions.append(Prediction(q, LETTERS[best], best == q.answer))
+        predictions.append(Prediction(q, LETTERS[best], best == q.answer,
+                                      loglikelihoods=tuple(scores)))
     return predictions

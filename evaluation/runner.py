@@ -203,6 +203,8 @@ def _prediction_rows(protocol: str, predictions: list[Prediction]):
                "prediction": p.prediction, "correct": p.correct}
         if p.raw_output is not None:
             row["raw_output"] = p.raw_output
+        if p.loglikelihoods is not None:  # " A".." D", for per-question parity checks
+            row["loglikelihoods"] = list(p.loglikelihoods)
         yield json.dumps(row)
 
 

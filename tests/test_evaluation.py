@@ -15,7 +15,11 @@ from evaluation import curve, runner
 from evaluation.__main__ import main as cli_main
 from evaluation.mmlu import CATEGORIES, Question, load_questions, load_subject, parse_categories
 from evaluation.protocols import (
+    _score_continuations,
+    _score_next_token,
+    encode_logprob,
     flowertune_prompt,
+    harness_encode_pair,
     logprob_prompt,
     parse_flowertune,
     run_flowertune,
@@ -108,17 +112,77 @@ def tiny(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_batched_predictions_equal_one_at_a_time(tiny, mmlu_dir):
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model_dir):
+    """The tiny tokenizer set up as Gemma's is: it adds its BOS token to every encoding."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, add_bos_token=True)
+    assert tokenizer.encode("Hello")[0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("with_bos", [False, True], ids=["no-bos", "bos"])
+def test_batched_predictions_equal_one_at_a_time(tiny, bos_tokenizer, mmlu_dir, with_bos):
     """Batched, length-sorted, last-position-only scoring predicts exactly what `generate` per
-    question and one forward pass per answer choice predict."""
+    question and one forward pass per answer choice predict, and gives the same four
+    log-likelihoods."""
     model, tokenizer = tiny
+    if with_bos:
+        tokenizer = bos_tokenizer
     questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:12]
     for run, reference in ((run_flowertune, reference_flowertune),
                            (run_logprob, reference_logprob)):
-        expected = [(p.prediction, p.raw_output) for p in reference(model, tokenizer, questions)]
+        expected = reference(model, tokenizer, questions)
         for batch_size in (1, 6):
             got = run(model, tokenizer, questions, batch_size=batch_size)
-            assert [(p.prediction, p.raw_output) for p in got] == expected
+            assert [(p.prediction, p.raw_output) for p in got] == [
+                (p.prediction, p.raw_output) for p in expected]
+            if run is run_logprob:
+                assert torch.allclose(torch.tensor([p.loglikelihoods for p in got]),
+                                      torch.tensor([p.loglikelihoods for p in expected]),
+                                      atol=1e-4, rtol=0)
+
+
+def test_logprob_prepends_bos_when_the_tokenizer_adds_it(tiny, bos_tokenizer):
+    """lm-evaluation-harness encodes with the tokenizer's own special tokens: Gemma's prompts
+    start with <bos>, SmolLM2's with none. The scores are those of the BOS-prefixed prompt."""
+    model, plain = tiny
+    bos = bos_tokenizer.bos_token_id
+    (with_bos,), ((a, *_),) = encode_logprob(bos_tokenizer, [Q])
+    (without,), _ = encode_logprob(plain, [Q])
+    text_ids = plain.encode(logprob_prompt(Q), add_special_tokens=False)
+    assert with_bos == [bos, *text_ids] and without == text_ids
+    assert a == plain.encode(" A", add_special_tokens=False)
+    # A prompt that already starts with the BOS string does not get a second one.
+    context, _ = harness_encode_pair(bos_tokenizer, "<s>" + logprob_prompt(Q), " A")
+    assert context == [bos, *text_ids]
+    # Trailing spaces of the context move to the continuation, as in the harness.
+    context, continuation = harness_encode_pair(plain, logprob_prompt(Q) + " ", "A")
+    assert (context, continuation) == (text_ids, a)
+    (prediction,) = run_logprob(model, bos_tokenizer, [Q], batch_size=1)
+    expected = []
+    for letter in "ABCD":
+        continuation = plain.encode(f" {letter}", add_special_tokens=False)
+        logits = model(input_ids=torch.tensor([with_bos + continuation])).logits[0]
+        logprobs = torch.log_softmax(logits, -1)[len(with_bos) - 1:-1]
+        expected.append(float(logprobs[range(len(continuation)), continuation].sum()))
+    assert torch.allclose(torch.tensor(prediction.loglikelihoods), torch.tensor(expected),
+                          atol=1e-5)
+    (plain_prediction,) = run_logprob(model, plain, [Q], batch_size=1)
+    assert plain_prediction.loglikelihoods != prediction.loglikelihoods
+
+
+def test_multi_token_continuation_path_scores_like_the_next_token_path(tiny, mmlu_dir):
+    """The general path (prompt + continuation, right-padded, per-question continuations)
+    gives the one-token path's scores on one-token continuations (here: the first token of
+    each " A".." D", which the tiny tokenizer splits)."""
+    model, tokenizer = tiny
+    questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:6]
+    prompts, continuations = encode_logprob(tokenizer, questions)
+    first = [[c[0] for c in conts] for conts in continuations]
+    one_token = _score_next_token(model, tokenizer, prompts, first, 4, "cpu", None)
+    general = _score_continuations(model, tokenizer, prompts,
+                                   [[[t] for t in row] for row in first], 4, "cpu", None)
+    assert torch.allclose(one_token, general, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +219,11 @@ def test_adapter_changes_scores_and_result_files_agree(tiny_model_dir, tiny_adap
         assert summary["overall"]["correct"] == sum(r["correct"] for r in mine)
         stem = summary["categories"]["stem"]
         assert stem["accuracy"] == stem["correct"] / stem["total"]
+    for row in (r for r in rows if r["protocol"] == "logprob"):
+        likelihoods = row["loglikelihoods"]  # " A".." D", for per-question parity checks
+        assert len(likelihoods) == 4 and all(x <= 0 for x in likelihoods)
+        assert row["prediction"] == "ABCD"[likelihoods.index(max(likelihoods))]
+    assert all("loglikelihoods" not in r for r in rows if r["protocol"] == "flowertune")
     # The adapter (B drawn at std 0.5) changes what the model answers.
     assert [r["prediction"] for r in rows] != [r["prediction"] for r in base_rows]
     assert json.loads((tmp_path / "result.json").read_text())["protocols"].keys() == {
