@@ -1,5 +1,8 @@
 """Sweep models x tasks: train each model through `flwr run`, evaluate its final adapter on the
-task's benchmark, and write one results table (CSV, JSON, Markdown) plus plots.
+task's benchmark, and write one results table (CSV, JSON, Markdown) plus plots. With
+`--baseline centralized,local` each model is also trained without a federation on the pooled
+data and by single data holders alone (flowertune_nlp.baselines), and the base model, local,
+federated and centralized training appear side by side, with their held-out losses.
 
 Everything is read from files the runs write (run.json, metrics.jsonl, the evaluation JSON),
 never scraped from output. A failed model is recorded and the sweep goes on; re-running the same
@@ -23,10 +26,13 @@ from pathlib import Path
 import tomli_w
 
 from evaluation.mmlu import CATEGORY_TITLES, LEADERBOARD_CATEGORIES
+from flowertune_nlp.baselines import KINDS as BASELINE_KINDS
+from flowertune_nlp.config import build_config
 from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
 from flowertune_nlp.outputs import current_status, read_status
+from flowertune_nlp.run_config import merge_run_configs
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -78,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MMLU questions per subject (default: the task table's value for "
                         "the preset, else all)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--baseline", default="",
+                        help="also train and evaluate these baselines with the same config: "
+                        "centralized, local (comma-separated); needs "
+                        "static.dataset.validation-size")
     parser.add_argument("--run-id", default=None, help="sweep folder name (default: a timestamp)")
     parser.add_argument("--force", action="store_true",
                         help="redo pairs that already completed in this run id")
@@ -121,7 +131,29 @@ def validate(args: argparse.Namespace) -> dict:
         raise UsageError("--peft-path with --eval-only takes exactly one --model")
     if args.run_id and not re.fullmatch(r"[A-Za-z0-9._-]+", args.run_id):
         raise UsageError(f"--run-id {args.run_id!r} may only hold letters, digits, . _ -")
+    unknown = [k for k in baselines(args) if k not in BASELINE_KINDS]
+    if unknown:
+        raise UsageError(f"--baseline {','.join(unknown)}: unknown; choose from "
+                         f"{', '.join(BASELINE_KINDS)}")
+    if baselines(args):
+        try:
+            config = build_config(merge_run_configs(run_configs(args)))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if not config.dataset.validation_size:
+            raise UsageError("--baseline compares held-out losses: add "
+                             "--run-config static.dataset.validation-size=<rows>")
     return task
+
+
+def baselines(args: argparse.Namespace) -> list[str]:
+    return [kind.strip() for kind in args.baseline.split(",") if kind.strip()]
+
+
+def run_configs(args: argparse.Namespace) -> list[str]:
+    """The preset and the --run-config overrides, as the launcher and the baselines take them."""
+    preset = [str(CONFIGS / f"{args.preset}.toml")] if args.preset else []
+    return preset + list(args.run_config)
 
 
 def environment(args: argparse.Namespace) -> dict[str, str]:
@@ -161,11 +193,8 @@ def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> di
         overrides_file = pair_dir / "run-config.toml"
         atomic_write_text(overrides_file, tomli_w.dumps(overrides))
         command = [sys.executable, "-m", "flowertune_nlp.launch"]
-        if args.preset:
-            command += ["--run-config", str(CONFIGS / f"{args.preset}.toml")]
-        for extra in args.run_config:
-            command += ["--run-config", extra]
-        command += ["--run-config", str(overrides_file)]
+        for item in [*run_configs(args), str(overrides_file)]:
+            command += ["--run-config", item]
         start = time.perf_counter()
         code = run_logged(command, log_file, env)
         seconds = time.perf_counter() - start
@@ -189,20 +218,44 @@ def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> di
             "metrics_file": str(run_dir / "metrics.jsonl")}
 
 
-def evaluate(model: str, adapter: str, args, task: dict, pair_dir: Path, env) -> dict:
+def train_baseline(model: str, kind: str, args, task: dict, pair_dir: Path, env) -> dict:
+    """Train a baseline (flowertune_nlp.baselines) with the federated run's config."""
+    run_dir = pair_dir / kind
+    overrides_file = pair_dir / "run-config.toml"  # written by `train`
+    command = [sys.executable, "-m", "flowertune_nlp.baselines", "--kind", kind,
+               "--output", str(run_dir)]
+    for item in [*run_configs(args), str(overrides_file)]:
+        command += ["--run-config", item]
+    log_file = pair_dir / f"{kind}.log"
+    start = time.perf_counter()
+    code = run_logged(command, log_file, env)
+    record_file = run_dir / "run.json"
+    if code != 0 or read_status(record_file) != "completed":
+        raise RuntimeError(f"{kind} baseline failed (exit {code}); see {log_file}")
+    record = json.loads(record_file.read_text())
+    return {"train_seconds": time.perf_counter() - start, "adapter": record["final_adapter"],
+            "metrics_file": str(run_dir / "metrics.jsonl"), "comm_mb": 0.0}
+
+
+def evaluate(model: str, adapter: str | None, args, task: dict, pair_dir: Path, env,
+             setup: str = "federated") -> dict:
+    """MMLU of the model with `adapter` (None: the base model alone)."""
     benchmark = task_source(args, task, "benchmark")
     limit = args.limit_per_subject
     if limit is None and args.preset:
         limit = task.get("evaluation", {}).get("limit-per-subject", {}).get(args.preset)
-    output = pair_dir / "eval.json"
+    suffix = "" if setup == "federated" else f"-{setup}"
+    output = pair_dir / f"eval{suffix}.json"
     command = [sys.executable, "-m", "evaluation", "--base-model-name-path", model,
-               "--peft-path", adapter, "--mmlu-path", benchmark, "--category",
+               "--mmlu-path", benchmark, "--category",
                task["categories"], "--protocol", args.protocol, "--batch-size",
                str(args.eval_batch_size), "--run-name", model_slug(model), "--output", str(output),
                "--no-progress"]
+    if adapter:
+        command += ["--peft-path", adapter]
     if limit:
         command += ["--limit-per-subject", str(limit)]
-    log_file = pair_dir / "eval.log"
+    log_file = pair_dir / f"eval{suffix}.log"
     start = time.perf_counter()
     code = run_logged(command, log_file, env)
     if code != 0 or not output.is_file():
@@ -240,6 +293,15 @@ def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
                 state["train_seconds"] += previous.get("train_seconds", 0.0)
         say(f"[{model}] evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
         state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))
+        if baselines(args) and not args.eval_only:  # --eval-only keeps the earlier setups
+            state["setups"] = {"base": {"heldout_from": str(pair_dir / "train" / "run.json"),
+                                        **evaluate(model, None, args, task, pair_dir, env,
+                                                   "base")}}
+            for kind in baselines(args):
+                say(f"[{model}] {kind} baseline (log: {pair_dir / f'{kind}.log'})")
+                setup = train_baseline(model, kind, args, task, pair_dir, env)
+                setup.update(evaluate(model, setup["adapter"], args, task, pair_dir, env, kind))
+                state["setups"][kind] = setup
         state["status"] = "completed"
     except Exception as err:  # one broken pair (a corrupt run.json, a crash) is recorded
         # as failed, and the sweep goes on with the other models
@@ -250,11 +312,29 @@ def run_pair(model: str, args, task: dict, sweep_dir: Path, env) -> dict:
     return state
 
 
-def result_row(state: dict) -> dict:
-    row = {"Model": state["model"], "Task": state["task"], "Status": state["status"]}
+def heldout_cell(metrics_file: str | None, run_file: str | None = None) -> str | None:
+    """The held-out loss [95 % CI] after the last round (or of the base model in run.json)."""
+    if run_file:
+        scored = json.loads(Path(run_file).read_text()).get("heldout_base")
+    elif metrics_file and Path(metrics_file).is_file():
+        scored = json.loads(Path(metrics_file).read_text().splitlines()[-1])
+    else:
+        return None
+    if not scored or "heldout_loss" not in scored:
+        return None
+    return (f"{scored['heldout_loss']:.4f} [{scored['heldout_loss_ci_low']:.4f}, "
+            f"{scored['heldout_loss_ci_high']:.4f}]")
+
+
+def result_row(state: dict, setup: str = "federated") -> dict:
+    """One table row: a pair's federated run, or one of its setups (base, local,
+    centralized)."""
+    part = state if setup == "federated" else state["setups"][setup]
+    row = {"Model": state["model"], "Task": state["task"], "Setup": setup,
+           "Status": state["status"]}
     evaluation = {}
-    if state.get("eval_file") and Path(state["eval_file"]).is_file():
-        evaluation = json.loads(Path(state["eval_file"]).read_text())["protocols"]
+    if part.get("eval_file") and Path(part["eval_file"]).is_file():
+        evaluation = json.loads(Path(part["eval_file"]).read_text())["protocols"]
     for protocol, prefix in (("flowertune", ""), ("logprob", "logprob ")):
         summary = evaluation.get(protocol)
         for key, title in CATEGORY_COLUMNS:
@@ -262,13 +342,24 @@ def result_row(state: dict) -> dict:
             row[f"{prefix}{title}"] = round(100 * cat["accuracy"], 2) if cat else None
         average = summary.get("average") if summary else None
         row[f"{prefix}Average"] = round(100 * average, 2) if average is not None else None
-    row["Comm. Costs (MB)"] = round(state["comm_mb"], 2) if state.get("comm_mb") else None
-    row["Rounds"] = state.get("rounds")
-    seconds = (state.get("train_seconds") or 0) + (state.get("eval_seconds") or 0)
+    row["Held-out loss [95% CI]"] = heldout_cell(part.get("metrics_file"),
+                                                 part.get("heldout_from"))
+    row["Comm. Costs (MB)"] = (round(part["comm_mb"], 2) if part.get("comm_mb") is not None
+                               and setup != "base" else None)
+    row["Rounds"] = state.get("rounds") if setup != "base" else 0
+    seconds = (part.get("train_seconds") or 0) + (part.get("eval_seconds") or 0)
     row["Wall time (s)"] = round(seconds, 1) if seconds else None
-    row["MMLU questions/subject"] = state.get("limit_per_subject") or "all"
+    row["MMLU questions/subject"] = part.get("limit_per_subject") or "all"
     row["Error"] = state.get("error")
     return row
+
+
+SETUP_ORDER = ("base", "local", "federated", "centralized")
+
+
+def result_rows(state: dict) -> list[dict]:
+    setups = {"federated", *state.get("setups", {})}
+    return [result_row(state, setup) for setup in SETUP_ORDER if setup in setups]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -326,7 +417,7 @@ def plot(states: list[dict], target: Path) -> None:
 
 
 def write_results(sweep_dir: Path, states: list[dict]) -> list[dict]:
-    rows = [result_row(s) for s in states]
+    rows = [row for state in states for row in result_rows(state)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 import tomli_w
-from common import ALPACA_SAMPLE, ROOT, SMOLLM2, offline, report
+from common import ALPACA_SAMPLE, ROOT, SMOLLM2, final_adapter, offline, report
 
 from flowertune_nlp.federation import LocalFederation, marked_processes
 
@@ -76,13 +76,6 @@ def rounds_of(run_dir: Path) -> list[dict]:
     return [{"round": r["round"], "wall_s": round(r["wall_seconds"], 1),
              "client_handler_s_max": round(r["client_seconds_max"], 1),
              "train_s_sum": round(r["client_train_seconds_sum"], 1)} for r in rows]
-
-
-def final_adapter(run_dir: Path) -> Path:
-    record = json.loads((run_dir / "run.json").read_text())
-    if record["status"] != "completed":
-        raise SystemExit(f"{run_dir}: {record['status']}: {record.get('error')}")
-    return Path(record["final_adapter"]) / "adapter_model.safetensors"
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """ClientApp: say what data this node serves; train the received global adapter on the source
-the server assigned and reply."""
+the server assigned, or score it on that source's held-back rows, and reply."""
 
 from __future__ import annotations
+
+import zlib
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -9,12 +11,13 @@ from flwr.clientapp import ClientApp
 from flowertune_nlp import faults
 from flowertune_nlp import messages as wire
 from flowertune_nlp.comm import cast_record
-from flowertune_nlp.config import build_config
+from flowertune_nlp.config import AppConfig, build_config
 from flowertune_nlp.logs import use_flower_log_handlers
-from flowertune_nlp.nodes import DATA_PATH_KEY, assigned_source, describe_node
-from flowertune_nlp.training import train_round
+from flowertune_nlp.nodes import DATA_PATH_KEY, Source, assigned_source, describe_node
+from flowertune_nlp.privacy import client_clipping_mod
+from flowertune_nlp.training import evaluate_round, train_round
 
-app = ClientApp()
+app = ClientApp(mods=[client_clipping_mod])
 
 
 @app.query()
@@ -23,22 +26,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=describe_node(context), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _assignment(msg: Message, context: Context) -> tuple[AppConfig, ConfigRecord, Source]:
+    """The run's config, the message's settings and the source it assigns to this node."""
     use_flower_log_handlers()
     config = build_config(context.run_config)
     settings = msg.content.config_records[wire.CONFIG]
-    source = assigned_source(context, settings, config.dataset.num_partitions)
+    return config, settings, assigned_source(context, settings, config.dataset.num_partitions)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, settings, source = _assignment(msg, context)
     server_round = int(settings[wire.SERVER_ROUND])
     fault = faults.client_fault(config.faults, source.partition, server_round)
     faults.before_training(fault, source.label, server_round)
+    global_state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
     result = train_round(
         config,
         source,
         server_round=server_round,
         learning_rate=float(settings[wire.LEARNING_RATE]),
-        global_state=msg.content.array_records[wire.ARRAYS].to_torch_state_dict(),
+        global_state=global_state,
         data_path=context.node_config.get(DATA_PATH_KEY),
+        proximal_mu=float(settings.get(wire.PROXIMAL_MU, 0.0)),
     )
     metrics = MetricRecord({
         wire.TRAIN_LOSS: result.train_loss,
@@ -47,10 +57,24 @@ def train(msg: Message, context: Context) -> Message:
         wire.SECONDS: result.seconds,
         wire.TRAIN_SECONDS: result.train_seconds,
     })
+    seed = zlib.crc32(f"{config.seed}:{server_round}:{source.label}".encode())
+    state = faults.reply_state(fault, result.state, global_state, seed)
     content = RecordDict({
-        wire.ARRAYS: cast_record(ArrayRecord(faults.corrupt_reply(fault, result.state)),
-                                config.comm.transport),
+        wire.ARRAYS: cast_record(ArrayRecord(state), config.comm.transport),
         wire.METRICS: metrics,
         wire.INFO: ConfigRecord({wire.PRECISION: result.precision, wire.SOURCE: source.label}),
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global adapter's loss on this source's held-back rows."""
+    config, _, source = _assignment(msg, context)
+    result = evaluate_round(config, source,
+                            msg.content.array_records[wire.ARRAYS].to_torch_state_dict(),
+                            data_path=context.node_config.get(DATA_PATH_KEY))
+    metrics = MetricRecord({wire.EVAL_LOSS: result.loss, wire.EVAL_TOKENS: result.tokens,
+                            wire.NUM_EXAMPLES: result.num_examples,
+                            wire.SECONDS: result.seconds})
+    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -57,16 +57,22 @@ class CommLedger:
 
     downloads: dict[int, int] = field(default_factory=dict)
     uploads: dict[int, int] = field(default_factory=dict)
+    evaluation: dict[int, int] = field(default_factory=dict)  # adapters sent to be evaluated
 
     def record_download(self, server_round: int, record, num_messages: int) -> None:
         self.downloads[server_round] = arrayrecord_tensor_bytes(record) * num_messages
+
+    def record_evaluation(self, server_round: int, record, num_messages: int) -> None:
+        self.evaluation[server_round] = arrayrecord_tensor_bytes(record) * num_messages
 
     def record_uploads(self, server_round: int, records) -> None:
         self.uploads[server_round] = sum(arrayrecord_tensor_bytes(r) for r in records)
 
     def round_bytes(self, server_round: int) -> int:
-        return self.downloads.get(server_round, 0) + self.uploads.get(server_round, 0)
+        return (self.downloads.get(server_round, 0) + self.uploads.get(server_round, 0)
+                + self.evaluation.get(server_round, 0))
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.downloads.values()) + sum(self.uploads.values())
+        return (sum(self.downloads.values()) + sum(self.uploads.values())
+                + sum(self.evaluation.values()))

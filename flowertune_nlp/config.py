@@ -55,6 +55,11 @@ class LoraSettings:
     target_modules: tuple[str, ...] = key(
         "model.lora.target-modules", ("q_proj", "v_proj"), "comma-separated module names",
         lambda v: len(v) > 0, 'name at least one module, e.g. "q_proj,v_proj"')
+    use_dora: bool = key("model.lora.use-dora", False,
+                         "PEFT's DoRA: a magnitude vector per adapted layer travels with the "
+                         "adapter (the server loads the base once to initialise it)")
+    use_rslora: bool = key("model.lora.use-rslora", False,
+                           "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
 
 
 @dataclass(frozen=True)
@@ -96,17 +101,104 @@ class TrainSettings:
                          lambda v: v >= 1, "the number of local steps must be an integer >= 1")
     lr_scheduler_type: str = key("train.training-arguments.lr-scheduler-type", "constant",
                                  "schedule inside a round", *_choices(LR_SCHEDULER_CHOICES))
+    train_eos: bool = key("train.train-eos", True,
+                          "the EOS after the response carries loss; false masks it out (the "
+                          "published baseline, whose pad token is its EOS)")
+
+
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+                    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "flexlora")
+# The rule-specific keys and the rules that read them; any other rule refuses a non-default
+# value, so a parameter set for the wrong rule is an error, not silently ignored.
+RULE_KEYS = {
+    "strategy.proximal-mu": ("fedprox",),
+    "strategy.eta": ("fedadam", "fedyogi", "fedadagrad"),
+    "strategy.beta-1": ("fedadam", "fedyogi"),
+    "strategy.beta-2": ("fedadam", "fedyogi"),
+    "strategy.tau": ("fedadam", "fedyogi", "fedadagrad"),
+    "strategy.server-learning-rate": ("fedavgm",),
+    "strategy.server-momentum": ("fedavgm",),
+    "strategy.trim-fraction": ("fedtrimmedavg",),
+    "strategy.num-malicious-nodes": ("krum", "multikrum", "bulyan"),
+    "strategy.multikrum-select": ("multikrum",),
+}
+PRIVACY_MODES = ("off", "client-fixed", "server-fixed", "client-adaptive", "server-adaptive")
 
 
 @dataclass(frozen=True)
 class StrategySettings:
+    name: str = key("strategy.name", "fedavg",
+                    "aggregation rule: Flower's own strategies, or `flexlora` (SVD "
+                    "re-projection of the averaged LoRA products)", *_choices(STRATEGY_CHOICES))
     fraction_train: float = key(
         "strategy.fraction-train", 0.1,
         "share of the data sources trained per round (Flower's rule, at least 1): 2 of 20 "
         "partitions", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
-    fraction_evaluate: float = key("strategy.fraction-evaluate", 0.0,
-                                   "share of nodes asked to evaluate (no evaluate handler yet)",
-                                   lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+    fraction_evaluate: float = key(
+        "strategy.fraction-evaluate", 0.0,
+        "share of the data sources whose clients score the global adapter each round on their "
+        "own held-back rows (federated evaluation; 0: none)", lambda v: 0.0 <= v <= 1.0,
+        "must be in [0, 1]")
+    proximal_mu: float = key("strategy.proximal-mu", 0.01,
+                             "fedprox: weight mu of the client's proximal term (mu/2 times the "
+                             "squared distance to the global adapter)",
+                             lambda v: math.isfinite(v) and v >= 0, "must be >= 0")
+    eta: float = key("strategy.eta", 1e-3,
+                     "fedadam/fedyogi/fedadagrad: server optimiser step size (Flower's eta)",
+                     lambda v: math.isfinite(v) and v > 0, "must be > 0")
+    beta_1: float = key("strategy.beta-1", 0.9, "fedadam/fedyogi: first-moment decay",
+                        lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    beta_2: float = key("strategy.beta-2", 0.99, "fedadam/fedyogi: second-moment decay",
+                        lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    tau: float = key("strategy.tau", 1e-3,
+                     "fedadam/fedyogi/fedadagrad: adaptivity (added to the root of the second "
+                     "moment)", lambda v: math.isfinite(v) and v > 0, "must be > 0")
+    server_learning_rate: float = key("strategy.server-learning-rate", 1.0,
+                                      "fedavgm: server learning rate",
+                                      lambda v: math.isfinite(v) and v > 0, "must be > 0")
+    server_momentum: float = key("strategy.server-momentum", 0.9, "fedavgm: server momentum",
+                                 lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    trim_fraction: float = key("strategy.trim-fraction", 0.2,
+                               "fedtrimmedavg: share cut from each end, per coordinate "
+                               "(Flower's beta)", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)")
+    num_malicious_nodes: int = key("strategy.num-malicious-nodes", 1,
+                                   "krum/multikrum/bulyan: attackers per round to tolerate",
+                                   lambda v: v >= 0, "must be >= 0")
+    multikrum_select: int = key("strategy.multikrum-select", 2,
+                                "multikrum: updates averaged after selection", lambda v: v >= 1,
+                                "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    mode: str = key("privacy.mode", "off",
+                    "differential privacy by Flower's wrappers: `off`, `client-fixed`, "
+                    "`server-fixed`, `client-adaptive`, `server-adaptive` (where the update is "
+                    "clipped; fixed or adaptive clipping norm)", *_choices(PRIVACY_MODES))
+    clipping_norm: float = key("privacy.clipping-norm", 1.0,
+                               "L2 bound of each client's update (the initial one when adaptive)",
+                               lambda v: math.isfinite(v) and v > 0, "must be > 0")
+    noise_multiplier: float = key("privacy.noise-multiplier", 1.0,
+                                  "Gaussian noise std / clipping norm, added to the sum",
+                                  lambda v: math.isfinite(v) and v >= 0, "must be >= 0")
+    target_delta: float = key("privacy.target-delta", 1e-5,
+                              "delta at which the spent epsilon is reported",
+                              lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+    clipped_count_stddev: float = key(
+        "privacy.clipped-count-stddev", 0.0,
+        "adaptive modes: noise std of the count of clipped updates (Andrew et al.; 0: "
+        "Flower's default, clients per round / 20)", lambda v: math.isfinite(v) and v >= 0,
+        "must be >= 0")
+    max_epsilon: float = key("privacy.max-epsilon", 0.0,
+                             "stop before a round would spend more (0: no limit)",
+                             lambda v: math.isfinite(v) and v >= 0, "must be >= 0 (0: no limit)")
+
+
+PARTITIONER_CHOICES = ("iid", "dirichlet", "pathological", "exponential", "linear")
+
+
+def _validation_size_ok(v: float) -> bool:
+    return v == 0 or 0 < v < 1 or (v >= 1 and math.isfinite(v) and float(v).is_integer())
 
 
 @dataclass(frozen=True)
@@ -114,8 +206,36 @@ class DatasetSettings:
     name: str = key("static.dataset.name", "vicgalle/alpaca-gpt4",
                     "hub id, or a local .json/.jsonl/.parquet file or folder")
     num_partitions: int = key("static.dataset.num-partitions", 20,
-                              "IID partitions of the dataset (the simulation's data sources)",
+                              "partitions of the dataset (the simulation's data sources)",
                               lambda v: v >= 1, "must be an integer >= 1")
+    partitioner: str = key(
+        "static.dataset.partitioner", "iid",
+        "flwr-datasets partitioner: `iid` (equal random shares), `dirichlet` (label mix per "
+        "partition drawn from Dir(alpha)), `pathological` (each partition holds "
+        "`classes-per-partition` labels), `exponential` / `linear` (size skew: partition i "
+        "holds a share proportional to e^(i+1) or to i+1)", *_choices(PARTITIONER_CHOICES))
+    partition_by: str = key(
+        "static.dataset.partition-by", "",
+        "label column of `dirichlet` / `pathological` and of the partition report; empty: the "
+        "task type derived from the instruction (`data.task_type`)")
+    dirichlet_alpha: float = key("static.dataset.dirichlet-alpha", 0.5,
+                                 "`dirichlet`: concentration (smaller: more skewed label mixes)",
+                                 lambda v: math.isfinite(v) and v > 0,
+                                 "must be a finite number > 0")
+    classes_per_partition: int = key("static.dataset.classes-per-partition", 2,
+                                     "`pathological`: labels per partition", lambda v: v >= 1,
+                                     "must be an integer >= 1")
+    validation_size: float = key(
+        "static.dataset.validation-size", 0.0,
+        "rows held out (seeded, before partitioning; no client trains on them) for the "
+        "server's validation loss: a row count, a fraction in (0, 1), or 0 for none",
+        _validation_size_ok, "must be 0 (none), a fraction in (0, 1) or a whole number of "
+        "rows >= 1")
+    local_eval_share: float = key(
+        "static.dataset.local-eval-share", 0.1,
+        "with `strategy.fraction-evaluate` > 0: share of each client's own rows kept out of its "
+        "training and scored in federated evaluation", lambda v: 0.0 < v < 1.0,
+        "must be in (0, 1)")
     keep_input_field: bool = key("static.dataset.keep-input-field", True,
                                  "keep alpaca's `input` (the baseline drops it)")
     prompt_template: str = key(
@@ -167,6 +287,7 @@ class AppConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     comm: CommSettings = field(default_factory=CommSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
@@ -297,6 +418,11 @@ def validate(config: AppConfig) -> AppConfig:
                       if f.partition is not None and not 0 <= f.partition < d.num_partitions]
     _check(not bad_partitions, "faults.inject", bad_partitions,
            f"partitions must be in [0, static.dataset.num-partitions = {d.num_partitions})")
+    _validate_aggregation(config)
+    share = KEYS["static.dataset.local-eval-share"]
+    _check(config.strategy.fraction_evaluate > 0 or d.local_eval_share == share.default,
+           share.name, d.local_eval_share, "it has no effect with strategy.fraction-evaluate "
+           "= 0; set a fraction of sources to evaluate, or remove it")
     for key, name in (("model.name", m.name), ("static.dataset.name", d.name)):
         if is_local_reference(name) and not name.startswith(PACKAGE_PREFIX):
             _check(Path(name).expanduser().exists(), key, name,
@@ -309,6 +435,85 @@ def validate(config: AppConfig) -> AppConfig:
                 f"run config key 'model.name' = {m.name!r} is invalid: {err}"
             ) from err
     return config
+
+
+def clients_per_round(num_sources: int, fraction: float) -> int:
+    """Flower's rule: int(n * fraction), at least 1, at most n."""
+    return min(num_sources, max(1, int(num_sources * fraction)))
+
+
+def planned_clients_per_round(config: AppConfig) -> int:
+    """Train messages per round when every partition is served (a simulation)."""
+    return clients_per_round(config.dataset.num_partitions, config.strategy.fraction_train)
+
+
+def _validate_aggregation(config: AppConfig) -> None:
+    """The rule's parameters belong to the rule; robust rules get the clients they need; the
+    privacy mode's preconditions hold (Flower's accountant: plain averaging, fp32 clipping)."""
+    s, p = config.strategy, config.privacy
+    for name, rules in RULE_KEYS.items():
+        spec = KEYS[name]
+        value = _lookup(config, spec.path)
+        _check(s.name in rules or value == spec.default, name, value,
+               f"it is a parameter of {'/'.join(rules)}, not of strategy.name = {s.name!r}; "
+               f"remove it or choose one of those rules")
+    per_round = planned_clients_per_round(config)
+    needed = {"krum": 2 * s.num_malicious_nodes + 3, "multikrum": 2 * s.num_malicious_nodes + 3,
+              "bulyan": 4 * s.num_malicious_nodes + 3}.get(s.name, 1)
+    _check(per_round >= needed, "strategy.num-malicious-nodes", s.num_malicious_nodes,
+           f"{s.name} tolerating {s.num_malicious_nodes} attacker(s) needs at least {needed} "
+           f"clients per round, but static.dataset.num-partitions = "
+           f"{config.dataset.num_partitions} x strategy.fraction-train = {s.fraction_train} "
+           f"gives {per_round}; raise strategy.fraction-train or lower the tolerance")
+    if s.name == "multikrum":
+        _check(s.multikrum_select <= per_round - s.num_malicious_nodes,
+               "strategy.multikrum-select", s.multikrum_select,
+               f"at most clients per round ({per_round}) - strategy.num-malicious-nodes")
+    if p.mode == "off":
+        for name in ("privacy.clipping-norm", "privacy.noise-multiplier",
+                     "privacy.target-delta", "privacy.max-epsilon",
+                     "privacy.clipped-count-stddev"):
+            spec = KEYS[name]
+            value = _lookup(config, spec.path)
+            _check(value == spec.default, name, value,
+                   'it has no effect with privacy.mode = "off"; choose a privacy mode or '
+                   "remove it")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("dp_accounting") is None:
+        raise ConfigError(
+            f"run config key 'privacy.mode' = {p.mode!r} needs Flower's privacy accountant, "
+            "which is not installed: pip install \"flwr[dp]==1.42.0\" (scripts/setup_env.sh "
+            "installs it)")
+    if p.mode.endswith("fixed"):
+        _check(s.name in ("fedavg", "fedprox"), "strategy.name", s.name,
+               f"privacy.mode = {p.mode!r} accounts epsilon with Flower's accountant, which "
+               "needs plain averaging: use fedavg or fedprox (or an adaptive privacy mode, "
+               "which Flower does not account)")
+        _check(p.clipped_count_stddev == 0.0, "privacy.clipped-count-stddev",
+               p.clipped_count_stddev, "only adaptive clipping counts clipped updates; use "
+               "client-adaptive or server-adaptive, or remove it")
+    else:
+        _check(p.max_epsilon == 0.0, "privacy.max-epsilon", p.max_epsilon,
+               f"Flower's adaptive clipping ({p.mode!r}) has no privacy accountant, so no "
+               "epsilon budget can be enforced; use client-fixed or server-fixed")
+        stddev = p.clipped_count_stddev or per_round / 20
+        source = "" if p.clipped_count_stddev else ", Flower's default: clients per round / 20"
+        _check(p.noise_multiplier < 2 * stddev, "privacy.clipped-count-stddev",
+               p.clipped_count_stddev,
+               f"adaptive clipping spends part of the noise on the clipped count: with "
+               f"privacy.noise-multiplier = {p.noise_multiplier:g} it must be above "
+               f"{p.noise_multiplier / 2:g} (it is {stddev:g}{source}); raise it or lower the "
+               "noise")
+    _check(p.noise_multiplier > 0 or p.max_epsilon == 0.0, "privacy.max-epsilon",
+           p.max_epsilon, "with privacy.noise-multiplier = 0 no epsilon is finite; add noise "
+           "or remove the budget")
+    if p.mode.startswith("client"):
+        _check(config.comm.transport == "fp32", "comm.transport", config.comm.transport,
+               f"privacy.mode = {p.mode!r} clips each update on the client against the global "
+               "adapter as received, in the wire dtype; fp16 rounding would break the "
+               'clipping bound: use comm.transport = "fp32"')
 
 
 def build_config(run_config: Mapping[str, Any]) -> AppConfig:

@@ -14,13 +14,20 @@ INFO = "info"  # ConfigRecord of the reply: text that is not averaged
 # Keys of the CONFIG record (partition keys live in nodes.py with the node config).
 SERVER_ROUND = "server-round"
 LEARNING_RATE = "lr"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+PRIVACY_MODE = "privacy-mode"  # which of Flower's clipping mods the client applies, if any
 
 # Keys of the METRICS record.
 TRAIN_LOSS = "train-loss"
-NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+NUM_EXAMPLES = "num-examples"
+AGGREGATION_WEIGHT = "aggregation-weight"  # set by the server: the rules' weighting key
 EXAMPLES_DROPPED = "examples-dropped"
 SECONDS = "seconds"
 TRAIN_SECONDS = "train-seconds"
+
+# Keys of the METRICS record of an evaluate reply (with NUM_EXAMPLES).
+EVAL_LOSS = "eval-loss"
+EVAL_TOKENS = "eval-tokens"
 
 # Keys of the INFO record.
 PRECISION = "precision"

@@ -243,6 +243,8 @@ def lora_config(settings: LoraSettings):
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -282,16 +284,28 @@ def adapter_shapes(model_path: str, settings: LoraSettings) -> dict[str, tuple[i
 def fresh_adapter(model_path: str, settings: LoraSettings, seed: int) -> dict:
     """A newly initialised LoRA adapter (PEFT's init: Kaiming-uniform A, zero B), fp32, without
     loading the base weights: only the LoRA tensors leave the meta device. The server needs
-    nothing else of the model, so it never holds a copy of it."""
+    nothing else of the model, so it never holds a copy of it.
+
+    DoRA is the exception: PEFT starts each magnitude vector at the row norms of the base
+    weight it adapts, so with `use-dora` the base model is loaded once, here, and freed."""
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(seed)
-    model = _meta_lora_model(model_path, settings)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.lora_A:
-                module.lora_A[name].to_empty(device="cpu")
-                module.lora_B[name].to_empty(device="cpu")
-                module.reset_lora_parameters(name, init_lora_weights=True)
-    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+    if settings.use_dora:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = add_lora(base, settings)
+    else:
+        model = _meta_lora_model(model_path, settings)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    module.lora_A[name].to_empty(device="cpu")
+                    module.lora_B[name].to_empty(device="cpu")
+                    module.reset_lora_parameters(name, init_lora_weights=True)
+    state = {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+    del model
+    release_memory()
+    return state

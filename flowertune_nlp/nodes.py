@@ -231,14 +231,11 @@ class NodeDirectory:
         return [(source, serving[source]) for source in sampled]
 
 
-def sample_sources(seed: int, server_round: int, sources: list[Source], count: int
-                   ) -> list[Source]:
-    """The sources that train in this round: a function of (seed, round) and the sorted
-    sources alone. With the sources 0..N-1 this equals sampling partition ids directly."""
-    positions = random.Random(f"{seed}:{server_round}").sample(range(len(sources)), count)
+def sample_sources(seed: int, server_round: int, sources: list[Source], count: int,
+                   purpose: str = "train") -> list[Source]:
+    """The sources that train (or evaluate) in this round: a function of (seed, round) and the
+    sorted sources alone. With the sources 0..N-1 this equals sampling partition ids directly.
+    Evaluation draws from its own stream, so it changes nothing of training's draw."""
+    stream = f"{seed}:{server_round}" + ("" if purpose == "train" else f":{purpose}")
+    positions = random.Random(stream).sample(range(len(sources)), count)
     return [sources[i] for i in sorted(positions)]
-
-
-def clients_per_round(num_sources: int, fraction: float) -> int:
-    """Flower's rule: int(n * fraction), at least 1, at most n."""
-    return min(num_sources, max(1, int(num_sources * fraction)))

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowertune_nlp.config import AppConfig
-from flowertune_nlp.io import atomic_write_dir, atomic_write_json, atomic_write_text
+from flowertune_nlp.io import (
+    atomic_write_dir,
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+)
 from flowertune_nlp.names import model_slug
 
 if TYPE_CHECKING:  # the launcher imports this module and needs no torch
@@ -153,6 +158,9 @@ class RunOutputs:
         outputs.write_metrics()
         return outputs
 
+    def write_json(self, name: str, data) -> None:
+        atomic_write_json(self.directory / name, data)
+
     def write_record(self) -> None:
         atomic_write_json(self.directory / "run.json", self.record)
 
@@ -175,4 +183,34 @@ class RunOutputs:
     def finish(self, status: str, **extra) -> None:
         self.record.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            **extra)
+        if self.metrics:
+            self.plot_losses()
         self.write_record()
+
+    def plot_losses(self) -> None:
+        """`loss.png`: the clients' train loss and the held-out loss (with its 95 % interval;
+        round 0 = the base model) by round."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        trained = [r for r in self.metrics if r.get("train_loss") is not None]
+        ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], marker="o",
+                label="train (clients, example-weighted)")
+        scored = ([{"round": 0, **self.record["heldout_base"]}]
+                  if "heldout_base" in self.record else [])
+        scored += [r for r in self.metrics if "heldout_loss" in r]
+        if scored:
+            rounds = [r["round"] for r in scored]
+            ax.plot(rounds, [r["heldout_loss"] for r in scored], marker="s", label="held-out")
+            ax.fill_between(rounds, [r["heldout_loss_ci_low"] for r in scored],
+                            [r["heldout_loss_ci_high"] for r in scored], alpha=0.2)
+        ax.set(xlabel="round (0 = base model)", ylabel="mean token loss",
+               title=self.directory.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write_figure(self.directory / "loss.png", fig)
+        plt.close(fig)

@@ -1,10 +1,12 @@
 """Everything the next round depends on, saved after every round so a killed run resumes exactly.
 
-`<run>/state/` holds the global adapter (`global_adapter.safetensors`) and `state.json`: the
-last completed round, the config the run was started with, the communication ledger, the
-metrics rows so far and the count of rounds in a row without a usable reply. Client sampling and
-client data order are functions of (seed, round), so the seed in the saved config is the whole
-random state. The folder is replaced atomically, so it always describes one completed round.
+`<run>/state/` holds the global adapter (`global_adapter.safetensors`), the aggregation rule's
+arrays (`rule_state.safetensors`: optimiser moments, momentum) and `state.json`: the last
+completed round, the config the run was started with, the communication ledger, the metrics
+rows so far, the count of rounds in a row without a usable reply and the rule's other state
+(adaptive clipping norm, privacy accountant). Client sampling, client data order and the DP
+noise are functions of (seed, round), so the seed in the saved config is the whole random
+state. The folder is replaced atomically, so it always describes one completed round.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.comm import CommLedger
@@ -28,13 +32,21 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: the launcher need
 STATE_DIR = "state"
 STATE_FILE = "state.json"
 ADAPTER_FILE = "global_adapter.safetensors"
-FORMAT_VERSION = 1
+RULE_FILE = "rule_state.safetensors"
+FORMAT_VERSION = 2
 # Config entries that decide the adapter's tensor names and shapes: resuming with another value
 # cannot work. (config dict path, run-config key)
 SHAPE_KEYS = (
     (("model", "name"), "model.name"),
     (("model", "lora", "r"), "model.lora.peft-lora-r"),
     (("model", "lora", "target_modules"), "model.lora.target-modules"),
+    (("model", "lora", "use_dora"), "model.lora.use-dora"),
+)
+
+# Config entries that decide what the aggregation rule's saved state means.
+RULE_IDENTITY_KEYS = (
+    (("strategy", "name"), "strategy.name"),
+    (("privacy", "mode"), "privacy.mode"),
 )
 
 
@@ -50,6 +62,8 @@ class RoundState:
     ledger: CommLedger
     metrics: list[dict]
     empty_rounds: int
+    rule_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    rule_values: dict[str, Any] = field(default_factory=dict)
 
 
 def state_dir(run_dir: Path) -> Path:
@@ -66,11 +80,14 @@ def _sha256(path: Path) -> str:
 
 def save_round_state(run_dir: Path, state: RoundState) -> None:
     """Replace `<run>/state/` with this round's state (temp folder + fsync + rename)."""
+    from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
     def fill(staging: Path) -> None:
         adapter = staging / ADAPTER_FILE
         save_file({k: v.contiguous() for k, v in state.global_state.items()}, str(adapter))
+        rule_file = staging / RULE_FILE
+        save_numpy(state.rule_arrays, str(rule_file))
         record = {
             "format": FORMAT_VERSION,
             "round": state.server_round,
@@ -81,9 +98,11 @@ def save_round_state(run_dir: Path, state: RoundState) -> None:
                 "sha256": _sha256(adapter),
                 "tensors": {k: list(v.shape) for k, v in state.global_state.items()},
             },
-            "ledger": {"downloads": state.ledger.downloads, "uploads": state.ledger.uploads},
+            "ledger": {"downloads": state.ledger.downloads, "uploads": state.ledger.uploads,
+                       "evaluation": state.ledger.evaluation},
             "metrics": state.metrics,
             "empty_rounds": state.empty_rounds,
+            "rule": {"sha256": _sha256(rule_file), "values": state.rule_values},
         }
         (staging / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
 
@@ -101,19 +120,19 @@ def load_round_state(run_dir: Path) -> RoundState:
         record = json.loads(state_file.read_text())
         server_round = int(record["round"])
         expected = record["adapter"]
-        ledger = CommLedger(
-            downloads={int(k): int(v) for k, v in record["ledger"]["downloads"].items()},
-            uploads={int(k): int(v) for k, v in record["ledger"]["uploads"].items()},
-        )
+        ledger = CommLedger(**{part: {int(k): int(v) for k, v in
+                                      record["ledger"][part].items()}
+                               for part in ("downloads", "uploads", "evaluation")})
         config, metrics = dict(record["config"]), list(record["metrics"])
-        empty_rounds = int(record["empty_rounds"])
         version = record["format"]
+        if version != FORMAT_VERSION:
+            raise StateError(f"{state_file} has state format {version}; this version of "
+                             f"flowertune_nlp reads format {FORMAT_VERSION}")
+        empty_rounds = int(record["empty_rounds"])
+        rule_record = dict(record["rule"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise StateError(f"{state_file} is corrupt or truncated ({type(err).__name__}: {err}); "
                          "resume from a copy of the run folder or start a new run") from None
-    if version != FORMAT_VERSION:
-        raise StateError(f"{state_file} has state format {version}; this version of "
-                         f"flowertune_nlp reads format {FORMAT_VERSION}")
     if [row.get("round") for row in metrics] != list(range(1, server_round + 1)):
         raise StateError(f"{state_file} is inconsistent: its metrics do not cover rounds "
                          f"1..{server_round} exactly once")
@@ -135,7 +154,14 @@ def load_round_state(run_dir: Path) -> RoundState:
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise StateError(f"{adapter_file} has non-finite values in {bad[:3]}")
-    return RoundState(server_round, tensors, config, ledger, metrics, empty_rounds)
+    rule_file = folder / RULE_FILE
+    if not rule_file.is_file() or _sha256(rule_file) != rule_record.get("sha256"):
+        raise StateError(f"{rule_file} is missing or does not match the checksum in "
+                         f"{state_file}; the aggregation rule's state cannot be resumed")
+    from safetensors.numpy import load_file as load_numpy
+
+    return RoundState(server_round, tensors, config, ledger, metrics, empty_rounds,
+                      load_numpy(str(rule_file)), dict(rule_record.get("values", {})))
 
 
 def _lookup(config: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -160,6 +186,14 @@ def check_resumable(state: RoundState, config: AppConfig, run_dir: Path) -> list
                 f"{state_file} was saved with {key} = {saved!r}, but this run has {now!r}; the "
                 "saved adapter's shapes only fit the original value. Resume with it, or start "
                 "a new run"
+            )
+    for path, key in RULE_IDENTITY_KEYS:
+        saved, now = _lookup(state.config, path), _lookup(current, path)
+        if saved != now:
+            raise StateError(
+                f"{state_file} was saved with {key} = {saved!r}, but this run has {now!r}; the "
+                "saved aggregation state (optimiser moments, momentum, privacy accountant) "
+                "belongs to the original rule. Resume with it, or start a new run"
             )
     if state.server_round >= config.num_server_rounds:
         raise StateError(

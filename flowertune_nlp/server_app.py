@@ -1,5 +1,5 @@
-"""ServerApp: build the config, make the initial adapter, run FedAvg over the nodes there are,
-record the outcome."""
+"""ServerApp: build the config, make the initial adapter, drive the rounds with the chosen
+aggregation rule over the nodes there are, record the outcome."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from flowertune_nlp.aggregation import build_rule
 from flowertune_nlp.comm import MB, TRANSPORT_BYTES, expected_total_bytes
-from flowertune_nlp.config import build_config
+from flowertune_nlp.config import build_config, planned_clients_per_round
+from flowertune_nlp.data import partition_report
+from flowertune_nlp.heldout import HeldOutEvaluator
 from flowertune_nlp.logs import use_flower_log_handlers
 from flowertune_nlp.models import fetch_base_model, fresh_adapter, resolve_model_path
-from flowertune_nlp.nodes import NodeDirectory, clients_per_round
+from flowertune_nlp.nodes import NodeDirectory
 from flowertune_nlp.outputs import RunOutputs
+from flowertune_nlp.round_driver import RoundDriver, RunStopped
 from flowertune_nlp.run_state import open_resumable
-from flowertune_nlp.strategy import FlowerTuneFedAvg, RunStopped
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -38,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
         resumed = None
         outputs = RunOutputs.create(config)
     log.info("run folder: %s", outputs.directory)
+    driver: RoundDriver | None = None
     try:
         # Flower runs every simulation (`flwr run` on a simulation SuperLink, or
         # run_simulation) on an in-memory grid; a deployment talks to its SuperLink instead.
@@ -47,6 +51,15 @@ def main(grid: Grid, context: Context) -> None:
                  else "every node trains the data its operator gave it")
         # Both convert a GGUF base once, before any client needs it; in simulation the clients
         # share this machine's cache, so a hub model is downloaded here, once, too.
+        if simulated and not resumed:
+            # Every partition is built here once: a bad partitioning stops the run before any
+            # client trains, and the run folder shows what each client holds.
+            report = partition_report(config)
+            outputs.write_json("partitions.json", report)
+            sizes = [p["size"] for p in report["partitions"]]
+            log.info("%s partitions: %d to %d rows, %d held out; see partitions.json",
+                     config.dataset.partitioner, min(sizes), max(sizes),
+                     report["validation_rows"])
         model_path = (fetch_base_model if simulated else resolve_model_path)(config.model.name)
         initial = resumed.global_state if resumed else fresh_adapter(
             model_path, config.model.lora, config.seed)
@@ -55,18 +68,21 @@ def main(grid: Grid, context: Context) -> None:
         if simulated:  # a deployment's clients per round depend on the nodes that join
             planned = expected_total_bytes(
                 [tuple(v.shape) for v in initial.values()], config.num_server_rounds,
-                clients_per_round(config.dataset.num_partitions, config.strategy.fraction_train),
-                TRANSPORT_BYTES[config.comm.transport])
+                planned_clients_per_round(config), TRANSPORT_BYTES[config.comm.transport])
             log.info("planned communication by the published formula: %.2f MB", planned / MB)
-        strategy = FlowerTuneFedAvg(config, outputs, nodes, resumed)
-        strategy.start(
+        rule = build_rule(config, planned_clients_per_round(config),
+                          population=config.dataset.num_partitions)
+        heldout = HeldOutEvaluator(config) if config.dataset.validation_size else None
+        driver = RoundDriver(config, outputs, nodes, rule, resumed, heldout)
+        driver.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),
-            num_rounds=strategy.rounds_left,
+            num_rounds=driver.rounds_left,
             train_config=ConfigRecord(),
+            evaluate_fn=driver.end_of_round,
         )
     except RunStopped as err:
-        outputs.finish("stopped", error=str(err))
+        outputs.finish("stopped", error=str(err), **driver.privacy_spent() if driver else {})
         raise
     except BaseException as err:
         outputs.finish("failed", error=f"{type(err).__name__}: {err}")
@@ -74,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     outputs.finish(
         "completed",
         rounds=config.num_server_rounds,
-        comm_bytes_total=strategy.ledger.total_bytes,
-        comm_mb_total=strategy.ledger.total_bytes / MB,
+        comm_bytes_total=driver.ledger.total_bytes,
+        comm_mb_total=driver.ledger.total_bytes / MB,
+        **driver.privacy_spent(),
     )

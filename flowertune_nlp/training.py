@@ -18,9 +18,11 @@ from flowertune_nlp.data import (
     examples_for_round,
     load_node_data,
     load_partition,
+    split_local_eval,
     tokenize_partition,
 )
 from flowertune_nlp.hardware import check_not_hidden_from_gpus
+from flowertune_nlp.heldout import example_losses
 from flowertune_nlp.models import (
     Precision,
     add_lora,
@@ -87,18 +89,18 @@ def get_partition(config: AppConfig, source: Source, tokenizer,
                   data_path: str | None = None) -> TokenizedPartition:
     """The tokenised rows of a source: a partition of the shared dataset, or this node's own
     data at `data_path`."""
-    key = (config.dataset, config.train.seq_length, config.seed, source, data_path)
+    key = (config.dataset, config.train.seq_length, config.train.train_eos, config.seed, source,
+           data_path)
     if key not in _cached_partitions:
         if len(_cached_partitions) >= 4:  # bound memory: a process serves many partitions
             _cached_partitions.pop(next(iter(_cached_partitions)))
         if source.partition is None:
             rows = load_node_data(data_path)
         else:
-            rows = load_partition(config.dataset.name, config.dataset.num_partitions,
-                                  source.partition, config.seed)
+            rows = load_partition(config.dataset, source.partition, config.seed)
         _cached_partitions[key] = tokenize_partition(
             rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field,
-            config.dataset.prompt_template,
+            config.dataset.prompt_template, train_eos=config.train.train_eos,
         )
     return _cached_partitions[key]
 
@@ -190,9 +192,11 @@ def lean_sft_trainer_class():
     from trl.trainer.utils import add_fused_lm_head
 
     class LeanSFTTrainer(SFTTrainer):
-        def __init__(self, *args, fused_loss: bool, **kwargs):
+        def __init__(self, *args, fused_loss: bool, proximal_mu: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.fused_loss = fused_loss
+            self.proximal_mu = proximal_mu
+            self.anchor: list = []  # FedProx: (parameter, global value), set by make_trainer
             base = self.model.get_base_model()
             vars(base).pop("forward", None)  # TRL's head, which also computes the metrics
             add_fused_lm_head(base, outputs=("log_probs",))
@@ -200,7 +204,19 @@ def lean_sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.fused_loss:
                 inputs = {**inputs, "fused_lm_head": True, "use_cache": False}
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if not self.proximal_mu:
+                return result
+            # FedProx: + mu/2 |w - w_global|^2 once per optimiser step. Trainer.training_step
+            # divides the loss by the accumulation steps unless the model already normalised
+            # it over the whole accumulated batch; then the share is ours to take.
+            term = self.proximal_mu / 2 * sum(((param - anchor) ** 2).sum()
+                                              for param, anchor in self.anchor)
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                term = term / self.current_gradient_accumulation_steps
+            if return_outputs:
+                return result[0] + term, result[1]
+            return result + term
 
     return LeanSFTTrainer
 
@@ -236,9 +252,10 @@ def restore_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
 
 
 def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate: float,
-                 seed: int, out: str, token_metrics: bool = False):
+                 seed: int, out: str, token_metrics: bool = False, proximal_mu: float = 0.0):
     """The SFTTrainer a client round uses (also what bench/step_efficiency.py times). Its
-    optimizer is built in `train()`, after the adapter has its fp32 tensors back."""
+    optimizer is built in `train()`, after the adapter has its fp32 tensors back.
+    `proximal_mu` > 0 adds FedProx's proximal term (the server's FedProx sends it)."""
     from trl import SFTTrainer
 
     remove_trainer_hooks(client)
@@ -249,8 +266,12 @@ def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate
     if token_metrics:
         trainer = SFTTrainer(**kwargs)
     else:
-        trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda")
+        trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda",
+                                           proximal_mu=proximal_mu)
     restore_adapter(client.model, adapter)
+    if proximal_mu:  # anchor the fp32 tensors the optimizer will update
+        trainer.anchor = [(param, param.detach().clone()) for param in
+                          client.model.parameters() if param.requires_grad]
     return trainer
 
 
@@ -261,6 +282,7 @@ def train_round(
     learning_rate: float,
     global_state: dict[str, torch.Tensor],
     data_path: str | None = None,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """Reset the adapter to the global weights, train locally on `source`, return the new
     adapter."""
@@ -268,12 +290,15 @@ def train_round(
     client = get_client_model(config)
     set_lora_state_dict(client.model, global_state)
     partition = get_partition(config, source, client.tokenizer, data_path)
+    if config.strategy.fraction_evaluate > 0:  # the held-back rows are for evaluate_round
+        partition = split_local_eval(partition, config.dataset.local_eval_share)[0]
     t = config.train
     needed = t.max_steps * t.batch_size * t.gradient_accumulation_steps
     examples = examples_for_round(partition, needed, config.seed, server_round, source.seed_key)
     seed = config.seed + server_round
     with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
-        output = make_trainer(config, client, examples, learning_rate, seed, out).train()
+        output = make_trainer(config, client, examples, learning_rate, seed, out,
+                              proximal_mu=proximal_mu).train()
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"training loss is {loss} in round {server_round}")
@@ -286,3 +311,27 @@ def train_round(
         train_seconds=float(output.metrics["train_runtime"]),
         precision=client.precision.describe(),
     )
+
+
+@dataclass
+class EvaluationResult:
+    loss: float  # mean token loss on the held-back rows' responses
+    tokens: int
+    num_examples: int
+    seconds: float
+
+
+def evaluate_round(config: AppConfig, source: Source, global_state: dict[str, torch.Tensor],
+                   data_path: str | None = None) -> EvaluationResult:
+    """Federated evaluation: the global adapter's mean token loss on this client's held-back
+    rows (`split_local_eval`), scored as the server scores its held-out rows."""
+    start = time.perf_counter()
+    client = get_client_model(config)
+    set_lora_state_dict(client.model, global_state)
+    _, rows = split_local_eval(get_partition(config, source, client.tokenizer, data_path),
+                               config.dataset.local_eval_share)
+    nll, tokens = example_losses(client.model, list(rows), client.tokenizer.pad_token_id,
+                                 config.train.batch_size)
+    client.model.train()
+    return EvaluationResult(float(nll.sum() / tokens.sum()), int(tokens.sum()), len(rows),
+                            time.perf_counter() - start)

@@ -82,6 +82,13 @@ def test_presets_parse(tmp_path):
         ("model.name", "package:no_such_pkg/x.gguf", "not installed"),
         ("num-server-rounds", "ten", "expected int"),
         ("model.gradient-checkpointing", "maybe", "expected bool"),
+        ("static.dataset.dirichlet-alpha", 0.0, "> 0"),
+        ("static.dataset.dirichlet-alpha", -1.0, "> 0"),
+        ("static.dataset.partitioner", "quantity", "iid, dirichlet, pathological"),
+        ("static.dataset.classes-per-partition", 0, ">= 1"),
+        ("static.dataset.validation-size", -1.0, "fraction in (0, 1)"),
+        ("static.dataset.validation-size", 12.5, "whole number"),
+        ("train.train-eos", "maybe", "expected bool"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, fragment):

@@ -5,12 +5,14 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from flowertune_nlp.config import DatasetSettings
 from flowertune_nlp.data import (
     chat_prompt,
     examples_for_round,
     format_prompt,
     load_node_data,
     load_partition,
+    masked_labels,
     tokenize_example,
     tokenize_partition,
 )
@@ -46,25 +48,44 @@ def test_chat_template_prompt_needs_a_template(tokenizer, alpaca_sample):
     assert example["completion_mask"].index(1) == len(prompt_ids)
 
 
-def test_labels_are_masked_exactly_outside_response_and_eos(tokenizer, tiny_model_dir):
+@pytest.mark.parametrize("train_eos", [True, False])
+def test_labels_are_masked_exactly_outside_response_and_eos(tokenizer, tiny_model_dir,
+                                                            train_eos, tmp_path):
     prompt = format_prompt("Name a colour.", None, keep_input=True)
-    example = tokenize_example(tokenizer, prompt, "Blue is a colour.", max_length=256)
+    example = tokenize_example(tokenizer, prompt, "Blue is a colour.", max_length=256,
+                               train_eos=train_eos)
     prompt_len = len(tokenizer(prompt)["input_ids"])
     response_ids = tokenizer("Blue is a colour.", add_special_tokens=False)["input_ids"]
-    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert example["input_ids"][-1] == tokenizer.eos_token_id  # the EOS is input either way
     # Labels as TRL's SFT trainer builds them from our completion mask.
     from transformers import AutoModelForCausalLM
 
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=SFTConfig(output_dir="/tmp/unused", max_length=256, completion_only_loss=True,
+        args=SFTConfig(output_dir=str(tmp_path), max_length=256, completion_only_loss=True,
                        report_to="none", use_cpu=True, bf16=False),
         train_dataset=Dataset.from_list([example]),
         processing_class=tokenizer,
     )
     labels = trainer.train_dataset[0]["labels"]
     assert labels[:prompt_len] == [-100] * prompt_len
-    assert labels[prompt_len:] == [*response_ids, tokenizer.eos_token_id]
+    eos_label = tokenizer.eos_token_id if train_eos else -100
+    assert labels[prompt_len:] == [*response_ids, eos_label]
+    assert masked_labels(example) == labels  # what the server's validation loss scores
+
+
+def test_train_eos_false_keeps_a_truncated_response_whole(tokenizer):
+    prompt = format_prompt("Name a colour.", None, keep_input=True)
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    full = tokenize_example(tokenizer, prompt, "Blue is a colour.", 256, train_eos=False)
+    cut = tokenize_example(tokenizer, prompt, "Blue is a colour.", prompt_len + 2,
+                           train_eos=False)  # truncation removed the EOS: nothing to unmask
+    assert cut["completion_mask"] == full["completion_mask"][:prompt_len + 2]
+    assert sum(cut["completion_mask"]) == 2
+    rows = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "Hi."}])
+    for train_eos in (True, False):
+        part = tokenize_partition(rows, tokenizer, 256, True, train_eos=train_eos)
+        assert part.dataset[0]["completion_mask"][-1] == int(train_eos)
 
 
 def test_truncated_away_response_is_dropped_and_counted(tokenizer):
@@ -84,7 +105,7 @@ def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
     rows = json.loads(alpaca_sample.read_text())
     seen = []
     for pid in range(20):
-        part = load_partition(str(alpaca_sample), 20, pid, seed=7)
+        part = load_partition(DatasetSettings(name=str(alpaca_sample)), pid, seed=7)
         assert 45 <= len(part) <= 55
         seen += [(r["instruction"], r["input"], r["output"]) for r in part]
     assert len(seen) == len(rows)
@@ -92,7 +113,7 @@ def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
 
 
 def test_each_round_sees_a_different_order(tokenizer, alpaca_sample):
-    rows = load_partition(str(alpaca_sample), 20, 3, seed=7)
+    rows = load_partition(DatasetSettings(name=str(alpaca_sample)), 3, seed=7)
     partition = tokenize_partition(rows, tokenizer, max_length=256, keep_input=True)
     first = examples_for_round(partition, 8, seed=7, server_round=1, partition_id=3)
     second = examples_for_round(partition, 8, seed=7, server_round=2, partition_id=3)

@@ -17,14 +17,14 @@ from flowertune_nlp.faults import (
 )
 from flowertune_nlp.io import atomic_write_dir
 from flowertune_nlp.nodes import Source, sample_sources
-from flowertune_nlp.strategy import screen_update, short_reason
+from flowertune_nlp.round_driver import screen_update, short_reason
 
 
 def test_fault_spec_parses_wildcards_and_rejects_nonsense():
     faults = parse_faults("raise:0:2, nan:*:3,disk-full:*:*")
     assert faults == (Fault("raise", 0, 2), Fault("nan", None, 3), Fault("disk-full", None, None))
-    assert client_fault(faults, 0, 2) == "raise"
-    assert client_fault(faults, 1, 2) is None and client_fault(faults, 5, 3) == "nan"
+    assert client_fault(faults, 0, 2).kind == "raise"
+    assert client_fault(faults, 1, 2) is None and client_fault(faults, 5, 3).kind == "nan"
     assert server_disk_full(faults, 7) and not server_disk_full(parse_faults(""), 7)
     for bad in ("explode:0:1", "raise:0", "raise:x:1", "disk-full:1:2"):
         with pytest.raises(ConfigError, match="faults.inject"):

@@ -14,55 +14,20 @@ from flwr.app import (
     Context,
     Error,
     Message,
-    MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
+from mock_replies import FakeGrid, push, task_identity, train_reply  # noqa: F401 (fixture)
 
-from flowertune_nlp import messages as wire
-from flowertune_nlp.config import build_config
+from flowertune_nlp.aggregation import build_rule
+from flowertune_nlp.config import build_config, clients_per_round
 from flowertune_nlp.nodes import (
     NodeDirectory,
     Source,
     assigned_source,
-    clients_per_round,
-    describe_node,
     sample_sources,
 )
 from flowertune_nlp.outputs import RunOutputs
-from flowertune_nlp.strategy import FlowerTuneFedAvg
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages read the run id of the process they are built in, as Flower's runtime sets."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-class FakeGrid:
-    """A grid whose nodes answer queries with what their node config says; records pushes."""
-
-    def __init__(self, node_configs: dict[int, dict]) -> None:
-        self.node_configs = node_configs
-        self.queries = 0
-
-    def get_node_ids(self):
-        return list(self.node_configs)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for message in messages:
-            self.queries += 1
-            message.metadata.__dict__["_message_id"] = f"q{self.queries}"
-            node = message.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node],
-                              state=RecordDict(), run_config={})
-            reply = Message(content=describe_node(context), reply_to=message)
-            reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(reply)
-        return replies
+from flowertune_nlp.round_driver import RoundDriver
 
 
 def test_source_sampling_equals_sampling_partition_ids():
@@ -149,29 +114,12 @@ def test_a_node_trains_only_what_it_serves():
         assigned_source(worker, ConfigRecord({}), 20)
 
 
-def _reply(message: Message, value: float, examples: int) -> Message:
-    state = {"a.lora_A.weight": torch.full((2, 3), value), "a.lora_B.weight": torch.zeros(3, 2)}
-    content = RecordDict({
-        wire.ARRAYS: ArrayRecord(state),
-        wire.METRICS: MetricRecord({wire.TRAIN_LOSS: value, wire.NUM_EXAMPLES: examples,
-                                    wire.EXAMPLES_DROPPED: 0, wire.SECONDS: 1.0,
-                                    wire.TRAIN_SECONDS: 1.0}),
-        wire.INFO: ConfigRecord({wire.PRECISION: "cpu, dense base, fp32 compute"}),
-    })
-    return Message(content=content, reply_to=message)
-
-
 def _driver(tmp_path, simulated: bool, node_configs: dict, extra: dict | None = None):
     config = build_config({"static.dataset.num-partitions": 3, "strategy.fraction-train": 1.0,
                            "output-dir": str(tmp_path), "run-name": "r", **(extra or {})})
     nodes = NodeDirectory(FakeGrid(node_configs), simulated, 3, 1, 5)
-    return FlowerTuneFedAvg(config, RunOutputs.create(config), nodes)
-
-
-def _push(messages):
-    for i, message in enumerate(messages):
-        message.metadata.__dict__["_message_id"] = f"m{i}"
-    return messages
+    rule = build_rule(config, clients_per_round(3, 1.0), population=3)
+    return RoundDriver(config, RunOutputs.create(config), nodes, rule)
 
 
 def test_driver_sends_each_sampled_partition_and_averages_in_source_order(tmp_path):
@@ -182,14 +130,15 @@ def test_driver_sends_each_sampled_partition_and_averages_in_source_order(tmp_pa
         driver = _driver(tmp_path / str(len(results)), True,
                          {21: {"partition-id": 0, "num-partitions": 2},
                           22: {"partition-id": 1, "num-partitions": 2}})
-        messages = _push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
+        messages = push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
         sent = [(m.metadata.dst_node_id, m.content.config_records["config"]["partition-id"])
                 for m in messages]
         assert sent == [(21, 0), (22, 1), (21, 2)]  # 3 partitions on 2 workers
-        replies = [_reply(messages[0], 0.1, 10), _reply(messages[1], 0.7, 30),
+        replies = [train_reply(messages[0], 0.1, 10), train_reply(messages[1], 0.7, 30),
                    Message(Error(code=0, reason="Message: out of memory'>"),
                            reply_to=messages[2])]
         aggregated, _ = driver.aggregate_train(1, replies[order])
+        driver.end_of_round(1, aggregated)
         results.append(aggregated.to_torch_state_dict()["a.lora_A.weight"])
         row = driver.outputs.metrics[-1]
         assert row["sources"] == ["partition 0", "partition 1", "partition 2"]
@@ -207,10 +156,10 @@ def test_driver_counts_a_node_that_never_answers(tmp_path):
         2: {"name": "site-b", "data-path": "/b.jsonl"}})
     arrays = ArrayRecord({"a.lora_A.weight": torch.zeros(2, 3),
                           "a.lora_B.weight": torch.zeros(3, 2)})
-    messages = _push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
+    messages = push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
     assert [m.content.config_records["config"].get("partition-id") for m in messages] == [
         None, None]  # own-data nodes are never told what to read
-    driver.aggregate_train(1, [_reply(messages[0], 0.5, 8)])
+    driver.end_of_round(1, driver.aggregate_train(1, [train_reply(messages[0], 0.5, 8)])[0])
     row = driver.outputs.metrics[-1]
     assert row["nodes"] == ["site-a", "site-b"] and row["partitions"] == []
     assert row["failure_reasons"] == ["site-b: no reply from node site-b"]

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from flowertune_nlp.strategy import round_learning_rate
+from flowertune_nlp.round_driver import round_learning_rate
 
 
 def test_learning_rate_schedule_cosine_from_max_to_min():

@@ -25,15 +25,21 @@ TINY_OVERRIDES = ("num-server-rounds=1 model.quantization=0 train.seq-length=128
 
 def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, tmp_path):
     common = ("--task", "general_nlp", "--data-dir", str(SHARED_DATA), "--run-id", "t1",
-              "--run-config", TINY_OVERRIDES, "--limit-per-subject", "1",
+              "--run-config", f"{TINY_OVERRIDES} static.dataset.validation-size=16",
+              "--baseline", "centralized,local", "--limit-per-subject", "1",
               "--protocol", "logprob")
     missing = str(tmp_path / "no-such-model")
     first = sweep("--model", f"{tiny_model_dir},{missing}", *common, output_root=tmp_path)
     assert first.returncode == 1, first.stdout + first.stderr
     sweep_dir = tmp_path / "general_nlp" / "t1"
-    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
+    table = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    rows = {r["Model"]: r for r in table if r["Setup"] == "federated"}
     good, bad = rows[str(tiny_model_dir)], rows[missing]
     assert good["Status"] == "completed" and bad["Status"] == "failed"
+    setups = {r["Setup"]: r for r in table if r["Model"] == str(tiny_model_dir)}
+    assert list(setups) == ["base", "local", "federated", "centralized"]
+    for setup in setups.values():  # scored on the same held-out rows, and on MMLU
+        assert setup["Held-out loss [95% CI]"] and setup["logprob Average"], setup
     assert "does not exist" in bad["Error"]
     for column in ("logprob STEM", "logprob Social Sciences", "logprob Humanities",
                    "logprob Average", "Comm. Costs (MB)", "Rounds"):
@@ -50,13 +56,14 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     second = sweep("--model", str(tiny_model_dir), *common, output_root=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "already completed" in second.stdout
-    assert len(list(csv.DictReader((sweep_dir / "results.csv").open()))) == 2
+    assert len(list(csv.DictReader((sweep_dir / "results.csv").open()))) == 5
 
     evaluated = sweep("--model", str(tiny_model_dir), *common[:-2], "--protocol", "flowertune",
                       "--eval-only", "--force", output_root=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert "training" not in evaluated.stdout
-    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
+    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())
+            if r["Setup"] == "federated"}
     assert rows[str(tiny_model_dir)]["Average"] not in ("", None)
 
 
@@ -87,6 +94,8 @@ def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
     (("--data-dir", "/no/such/dir"), "has no alpaca-gpt4/ folder"),
     (("--resume",), "--resume needs the --run-id"),
     (("--limit-per-subject", "0"), "--limit-per-subject 0 is not >= 1"),
+    (("--baseline", "solo"), "--baseline solo: unknown; choose from centralized, local"),
+    (("--baseline", "local"), "--baseline compares held-out losses"),
 ])
 def test_argument_errors_exit_2_and_write_nothing(args, message, tmp_path):
     result = sweep("--model", "some/model", *args, output_root=tmp_path)
