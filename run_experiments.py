@@ -219,8 +219,17 @@ def train(model: str, args, task: dict, pair_dir: Path, env, resume: bool) -> di
 
 
 def train_baseline(model: str, kind: str, args, task: dict, pair_dir: Path, env) -> dict:
-    """Train a baseline (flowertune_nlp.baselines) with the federated run's config."""
+    """Train a baseline (flowertune_nlp.baselines) with the federated run's config; a completed
+    one (an earlier attempt of a resumed sweep) is reused, an incomplete one moved aside."""
     run_dir = pair_dir / kind
+    record_file = run_dir / "run.json"
+    if read_status(record_file) == "completed":
+        say(f"[{model}] {kind} baseline already completed")
+        record = json.loads(record_file.read_text())
+        return {"train_seconds": 0.0, "adapter": record["final_adapter"],
+                "metrics_file": str(run_dir / "metrics.jsonl"), "comm_mb": 0.0}
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{kind}.attempt-{time.strftime('%H%M%S')}"))
     overrides_file = pair_dir / "run-config.toml"  # written by `train`
     command = [sys.executable, "-m", "flowertune_nlp.baselines", "--kind", kind,
                "--output", str(run_dir)]
@@ -229,7 +238,6 @@ def train_baseline(model: str, kind: str, args, task: dict, pair_dir: Path, env)
     log_file = pair_dir / f"{kind}.log"
     start = time.perf_counter()
     code = run_logged(command, log_file, env)
-    record_file = run_dir / "run.json"
     if code != 0 or read_status(record_file) != "completed":
         raise RuntimeError(f"{kind} baseline failed (exit {code}); see {log_file}")
     record = json.loads(record_file.read_text())
@@ -322,6 +330,10 @@ def heldout_cell(metrics_file: str | None, run_file: str | None = None) -> str |
         return None
     if not scored or "heldout_loss" not in scored:
         return None
+    if "heldout_loss_min" in scored:  # local training: mean over the holders and their range
+        return (f"{scored['heldout_loss']:.4f} (range {scored['heldout_loss_min']:.4f}–"
+                f"{scored['heldout_loss_max']:.4f} over "
+                f"{len(scored['heldout_loss_per_source'])} holders)")
     return (f"{scored['heldout_loss']:.4f} [{scored['heldout_loss_ci_low']:.4f}, "
             f"{scored['heldout_loss_ci_high']:.4f}]")
 
@@ -342,7 +354,7 @@ def result_row(state: dict, setup: str = "federated") -> dict:
             row[f"{prefix}{title}"] = round(100 * cat["accuracy"], 2) if cat else None
         average = summary.get("average") if summary else None
         row[f"{prefix}Average"] = round(100 * average, 2) if average is not None else None
-    row["Held-out loss [95% CI]"] = heldout_cell(part.get("metrics_file"),
+    row["Held-out loss [95% CI or range]"] = heldout_cell(part.get("metrics_file"),
                                                  part.get("heldout_from"))
     row["Comm. Costs (MB)"] = (round(part["comm_mb"], 2) if part.get("comm_mb") is not None
                                and setup != "base" else None)

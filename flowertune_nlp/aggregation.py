@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 
 from flowertune_nlp import messages as wire
 from flowertune_nlp.config import AppConfig
@@ -36,8 +37,10 @@ from flowertune_nlp.flexlora import flexlora_aggregate
 from flowertune_nlp.privacy import private
 
 # Attributes of Flower's strategies that carry state from one round to the next; everything
-# else they hold is set from the config or from the round's own arrays.
-STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "clipping_norm")
+# else they hold is set from the config or from the round's own arrays. (The clipping norm is
+# state only where adaptive clipping moves it; a fixed one comes from the config.)
+STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+ADAPTIVE_ATTRIBUTES = ("clipping_norm",)
 
 
 class FlexLoRA(FedAvg):
@@ -45,6 +48,8 @@ class FlexLoRA(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # FedAvg's own reply check (a private method of the pinned flwr 1.42), as its
+        # subclasses in Flower use it.
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
@@ -62,7 +67,8 @@ def build_rule(config: AppConfig, clients_per_round: int, population: int) -> St
     """Flower's strategy for `strategy.name` with the rule's keys, in the DP wrapper of
     `privacy.mode` (config.py has already refused combinations Flower cannot run)."""
     s = config.strategy
-    common = dict(fraction_train=1.0, fraction_evaluate=s.fraction_evaluate, min_train_nodes=1,
+    # The driver samples the sources that train and evaluate; the rule sees only its messages.
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=1,
                   weighted_by_key=wire.AGGREGATION_WEIGHT, arrayrecord_key=wire.ARRAYS,
                   configrecord_key=wire.CONFIG)
@@ -105,7 +111,8 @@ def rule_state(rule: Strategy) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     values: dict[str, Any] = {}
     for depth, layer in enumerate(_layers(rule)):
-        for attribute in STATEFUL_ATTRIBUTES:
+        adaptive = isinstance(layer, DifferentialPrivacyAdaptiveBase)
+        for attribute in STATEFUL_ATTRIBUTES + (ADAPTIVE_ATTRIBUTES if adaptive else ()):
             value = getattr(layer, attribute, None)
             prefix = f"{depth}/{attribute}"
             if isinstance(value, dict):

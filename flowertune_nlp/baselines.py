@@ -5,7 +5,7 @@ examples processed per round as the federated run of the same config:
 - `centralized`: one trainer on the pooled training rows (every partition together; the held-out
   rows stay out), `clients per round x max-steps` steps per round;
 - `local`: one data holder alone on its own partition, the same steps per round, for each of a
-  few partitions (the held-out loss of local training is their mean).
+  few partitions (the held-out loss of local training is their mean, with its range).
 
 Each writes a run folder like the ServerApp's (`run.json`, `metrics.jsonl` with the held-out
 loss per round, `peft_<round>/`), so the sweep evaluates and tabulates it the same way.
@@ -23,7 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from flowertune_nlp.config import AppConfig, ConfigError, build_config, planned_clients_per_round
+from flowertune_nlp.config import (
+    AppConfig,
+    ConfigError,
+    PrivacySettings,
+    RunSettings,
+    StrategySettings,
+    build_config,
+    planned_clients_per_round,
+)
 from flowertune_nlp.nodes import Source
 from flowertune_nlp.run_config import merge_run_configs
 
@@ -35,9 +43,11 @@ def baseline_config(config: AppConfig, kind: str, output: Path) -> AppConfig:
     """The federated config turned into the baseline's: K x max-steps steps per round, and for
     `centralized` one partition holding every training row."""
     steps = config.train.max_steps * planned_clients_per_round(config)
+    # Nothing is aggregated, privatised, resumed or faulted: those settings do not apply.
     config = dataclasses.replace(
         config, output_dir=str(output.parent), run_name=output.name,
-        train=dataclasses.replace(config.train, max_steps=steps))
+        train=dataclasses.replace(config.train, max_steps=steps), run=RunSettings(),
+        strategy=StrategySettings(), privacy=PrivacySettings(), faults=())
     if kind == "centralized":
         config = dataclasses.replace(config, dataset=dataclasses.replace(
             config.dataset, num_partitions=1, partitioner="iid"))
@@ -76,9 +86,13 @@ def train_alone(config: AppConfig, sources: list[Source]) -> Path:
                    "learning_rate": lr, "examples": results[0].num_examples,
                    "train_loss": sum(r.train_loss for r in results) / len(results),
                    "heldout_loss_per_source": [s.loss for s in scores]}
-            for key, value in scores[0].as_row().items():  # the mean over the sources
-                row[key] = sum(s.as_row()[key] for s in scores) / len(scores) if isinstance(
-                    value, float) else value
+            if len(scores) == 1:
+                row.update(scores[0].as_row())
+            else:  # several holders alone: their mean and range (intervals do not average)
+                losses = [s.loss for s in scores]
+                row.update(heldout_loss=sum(losses) / len(losses),
+                           heldout_loss_min=min(losses), heldout_loss_max=max(losses),
+                           heldout_examples=scores[0].examples)
             row["wall_seconds"] = time.perf_counter() - start
             last = server_round == config.num_server_rounds
             if server_round % t.save_every_round == 0 or last:

@@ -69,10 +69,10 @@ class CommLedger:
         self.uploads[server_round] = sum(arrayrecord_tensor_bytes(r) for r in records)
 
     def round_bytes(self, server_round: int) -> int:
-        return (self.downloads.get(server_round, 0) + self.uploads.get(server_round, 0)
-                + self.evaluation.get(server_round, 0))
+        """Bytes of the round's train messages and replies (what the published formula
+        counts); evaluation's are `evaluation[round]`."""
+        return self.downloads.get(server_round, 0) + self.uploads.get(server_round, 0)
 
     @property
     def total_bytes(self) -> int:
-        return (sum(self.downloads.values()) + sum(self.uploads.values())
-                + sum(self.evaluation.values()))
+        return sum(self.downloads.values()) + sum(self.uploads.values())

@@ -419,6 +419,13 @@ def validate(config: AppConfig) -> AppConfig:
     _check(not bad_partitions, "faults.inject", bad_partitions,
            f"partitions must be in [0, static.dataset.num-partitions = {d.num_partitions})")
     _validate_aggregation(config)
+    for name, partitioner in (("static.dataset.dirichlet-alpha", "dirichlet"),
+                              ("static.dataset.classes-per-partition", "pathological")):
+        value = _lookup(config, KEYS[name].path)
+        _check(d.partitioner == partitioner or value == KEYS[name].default, name, value,
+               f"it is a parameter of the {partitioner} partitioner, not of "
+               f"static.dataset.partitioner = {d.partitioner!r}; remove it or choose "
+               f"{partitioner}")
     share = KEYS["static.dataset.local-eval-share"]
     _check(config.strategy.fraction_evaluate > 0 or d.local_eval_share == share.default,
            share.name, d.local_eval_share, "it has no effect with strategy.fraction-evaluate "
@@ -486,11 +493,14 @@ def _validate_aggregation(config: AppConfig) -> None:
             f"run config key 'privacy.mode' = {p.mode!r} needs Flower's privacy accountant, "
             "which is not installed: pip install \"flwr[dp]==1.42.0\" (scripts/setup_env.sh "
             "installs it)")
+    _check(s.name in ("fedavg", "fedprox"), "strategy.name", s.name,
+           f"privacy.mode = {p.mode!r}: Flower's DP wrappers calibrate the noise (std "
+           "noise-multiplier x clipping-norm / clients) to a plain mean of the clipped updates, "
+           "and its accountant assumes one; use fedavg or fedprox")
     if p.mode.endswith("fixed"):
-        _check(s.name in ("fedavg", "fedprox"), "strategy.name", s.name,
-               f"privacy.mode = {p.mode!r} accounts epsilon with Flower's accountant, which "
-               "needs plain averaging: use fedavg or fedprox (or an adaptive privacy mode, "
-               "which Flower does not account)")
+        _check(p.target_delta == KEYS["privacy.target-delta"].default or p.noise_multiplier > 0,
+               "privacy.target-delta", p.target_delta,
+               "without noise no epsilon is accounted at any delta; add noise or remove it")
         _check(p.clipped_count_stddev == 0.0, "privacy.clipped-count-stddev",
                p.clipped_count_stddev, "only adaptive clipping counts clipped updates; use "
                "client-adaptive or server-adaptive, or remove it")
@@ -498,6 +508,9 @@ def _validate_aggregation(config: AppConfig) -> None:
         _check(p.max_epsilon == 0.0, "privacy.max-epsilon", p.max_epsilon,
                f"Flower's adaptive clipping ({p.mode!r}) has no privacy accountant, so no "
                "epsilon budget can be enforced; use client-fixed or server-fixed")
+        _check(p.target_delta == KEYS["privacy.target-delta"].default, "privacy.target-delta",
+               p.target_delta, f"Flower's adaptive clipping ({p.mode!r}) accounts no epsilon "
+               "at any delta; use client-fixed or server-fixed, or remove it")
         stddev = p.clipped_count_stddev or per_round / 20
         source = "" if p.clipped_count_stddev else ", Flower's default: clients per round / 20"
         _check(p.noise_multiplier < 2 * stddev, "privacy.clipped-count-stddev",

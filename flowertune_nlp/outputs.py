@@ -188,8 +188,8 @@ class RunOutputs:
         self.write_record()
 
     def plot_losses(self) -> None:
-        """`loss.png`: the clients' train loss and the held-out loss (with its 95 % interval;
-        round 0 = the base model) by round."""
+        """`loss.png`: the clients' train loss, the held-out loss (with its 95 % interval;
+        round 0 = the base model) and the federated evaluation loss by round."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -205,8 +205,13 @@ class RunOutputs:
         if scored:
             rounds = [r["round"] for r in scored]
             ax.plot(rounds, [r["heldout_loss"] for r in scored], marker="s", label="held-out")
-            ax.fill_between(rounds, [r["heldout_loss_ci_low"] for r in scored],
-                            [r["heldout_loss_ci_high"] for r in scored], alpha=0.2)
+            if all("heldout_loss_ci_low" in r for r in scored):
+                ax.fill_between(rounds, [r["heldout_loss_ci_low"] for r in scored],
+                                [r["heldout_loss_ci_high"] for r in scored], alpha=0.2)
+        federated = [r for r in self.metrics if r.get("federated_eval_loss") is not None]
+        if federated:
+            ax.plot([r["round"] for r in federated], [r["federated_eval_loss"] for r in federated],
+                    marker="^", label="federated evaluation (clients' held-back rows)")
         ax.set(xlabel="round (0 = base model)", ylabel="mean token loss",
                title=self.directory.name)
         ax.grid(alpha=0.3)

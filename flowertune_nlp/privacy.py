@@ -54,9 +54,24 @@ def private(rule: Strategy, config: AppConfig, clients_per_round: int, populatio
         accountant = RdpAccountant(PrivacyConfig(
             target_delta=p.target_delta, population_size=population,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=p.max_epsilon or None))
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
     return wrapper(*args, p.clipping_norm, clients_per_round, accountant=accountant)
+
+
+def would_exceed_budget(accountant, config: AppConfig, clients_per_round: int) -> bool:
+    """Whether one more round's release would take the spent epsilon past
+    `privacy.max-epsilon`. The budget is checked here, not in Flower's PrivacyConfig, so that a
+    run stopped by it can be resumed with a larger budget (Flower's accountant refuses saved
+    state whose config differs)."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    p = config.privacy
+    if accountant is None or not p.max_epsilon:
+        return False
+    event = GaussianPrivacyEvent(noise_multiplier=p.noise_multiplier,
+                                 sample_size=clients_per_round,
+                                 population_size=config.dataset.num_partitions)
+    return accountant.would_exceed(event, max_epsilon=p.max_epsilon)
 
 
 def uses_equal_weights(config: AppConfig) -> bool:

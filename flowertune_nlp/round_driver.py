@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 
@@ -35,11 +35,12 @@ from flowertune_nlp.nodes import (
     sample_sources,
 )
 from flowertune_nlp.outputs import RunOutputs
-from flowertune_nlp.privacy import uses_equal_weights
+from flowertune_nlp.privacy import uses_equal_weights, would_exceed_budget
 from flowertune_nlp.run_state import RoundState, save_round_state
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT = 120.0  # a deployment node answers a query in about 5 s (a fresh process)
+NOISE_SEED = "noise_seed"  # in the saved rule values: the secret behind the DP noise
 
 
 class RoundSaveError(RuntimeError):
@@ -112,8 +113,10 @@ class RoundDriver(Strategy):
         self.round_offset = resumed.server_round if resumed else 0
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
+        values = dict(resumed.rule_values) if resumed else {}
+        self.noise_seed = int(values.pop(NOISE_SEED, None) or secrets.randbits(63))
         if resumed:
-            load_rule_state(rule, resumed.rule_arrays, resumed.rule_values)
+            load_rule_state(rule, resumed.rule_arrays, values)
         self.global_arrays: ArrayRecord | None = None  # fp32, what the server keeps
         self.sent_arrays: ArrayRecord | None = None  # in the transport dtype
         self._round_started = 0.0
@@ -170,14 +173,16 @@ class RoundDriver(Strategy):
                 f"strategy.fraction-train), but {len(sources)} sources are served, giving "
                 f"{len(assignments)}; in a deployment set static.dataset.num-partitions to "
                 f'the number of nodes, then resume with run.resume="{self.outputs.directory}"')
-        try:
-            planned_messages = list(self.rule.configure_train(
-                server_round, arrays, ConfigRecord(dict(config)), _RuleGrid(len(assignments))))
-        except PrivacyBudgetExhausted as err:
+        if would_exceed_budget(accountant_of(self.rule), self.config, len(assignments)):
+            spent = self.privacy_spent()["privacy_epsilon"]
             raise RunStopped(
-                f"round {server_round}: {err} The budget is privacy.max-epsilon = "
-                f"{self.config.privacy.max_epsilon:g}; the adapter of round "
-                f"{server_round - 1} is the run's result") from err
+                f"round {server_round}: its release would take the spent epsilon "
+                f"({spent:.4g} at delta {self.config.privacy.target_delta:g}) past "
+                f"privacy.max-epsilon = {self.config.privacy.max_epsilon:g}; the adapter of "
+                f"round {server_round - 1} is the run's result (resume with a larger budget "
+                "to train on)")
+        planned_messages = list(self.rule.configure_train(
+            server_round, arrays, ConfigRecord(dict(config)), _RuleGrid(len(assignments))))
         rule_settings = (dict(planned_messages[0].content.config_records[wire.CONFIG])
                          if planned_messages else {})
         log.info("round %d/%d: %s train at lr %.3g", server_round, self.config.num_server_rounds,
@@ -241,11 +246,18 @@ class RoundDriver(Strategy):
             else:
                 rejections.append(f"{assignment.source.label}: {reason}")
                 log.warning("round %d: rejected an update (%s)", server_round, rejections[-1])
-        # Flower's DP wrappers draw their noise from NumPy's global generator; seeding it by
-        # (seed, round) makes a private run reproducible, and resumable exactly.
-        np.random.seed((self.config.seed * 1_000_003 + server_round) % 2**32)
+        if self.config.privacy.mode != "off":
+            # Flower's DP wrappers draw their noise from NumPy's global generator. Seeded from a
+            # secret drawn at the start of the run (kept in state/ only, never in run.json or
+            # the config), the noise cannot be regenerated from anything published, and a
+            # resumed run draws the same noise as the uninterrupted one.
+            np.random.seed((self.noise_seed + server_round) % 2**32)
         client_metrics = [m.content.metric_records[wire.METRICS] for _, m in accepted]
-        arrays, metrics = self.rule.aggregate_train(server_round, [m for _, m in accepted])
+        if accepted or not self.config.privacy.mode.endswith("adaptive"):
+            arrays, metrics = self.rule.aggregate_train(server_round,
+                                                        [m for _, m in accepted])
+        else:  # Flower's adaptive wrappers divide by the number of replies
+            arrays, metrics = None, None
         if arrays is None:
             self.empty_rounds += 1
             log.warning("round %d: no usable reply (%d failed, %d rejected); keeping the previous "
@@ -279,11 +291,10 @@ class RoundDriver(Strategy):
         if self.heldout is not None:
             scored = self.heldout(arrays.to_torch_state_dict()).as_row()
             row.update(scored)
-        row.update(comm_bytes_round=self.ledger.round_bytes(server_round),  # with evaluation's
-                   comm_bytes_total=self.ledger.total_bytes,
-                   comm_mb_round=self.ledger.round_bytes(server_round) / MB,
-                   comm_mb_total=self.ledger.total_bytes / MB,
-                   wall_seconds=time.perf_counter() - self._round_started)
+        if self.config.strategy.fraction_evaluate > 0:
+            row.update(comm_eval_bytes_round=self.ledger.evaluation.get(server_round, 0),
+                       comm_eval_bytes_total=sum(self.ledger.evaluation.values()))
+        row["wall_seconds"] = time.perf_counter() - self._round_started
         self._finish_round(server_round, arrays, row)
         if self.empty_rounds >= self.config.run.max_empty_rounds:
             raise RunStopped(
@@ -352,6 +363,8 @@ class RoundDriver(Strategy):
                     log.info("round %d: saved global adapter to %s", server_round, path)
                 self._log_round(row)
                 rule_arrays, rule_values = rule_state(self.rule)
+                if self.config.privacy.mode != "off":
+                    rule_values[NOISE_SEED] = self.noise_seed
                 save_round_state(self.outputs.directory, RoundState(
                     server_round, state, self.config.to_dict(), self.ledger,
                     self.outputs.metrics, self.empty_rounds, rule_arrays, rule_values))
@@ -384,6 +397,10 @@ class RoundDriver(Strategy):
             "rejected": len(rejections),
             "rejection_reasons": rejections,
             "kept_previous_global": kept_previous,
+            "comm_bytes_round": self.ledger.round_bytes(server_round),
+            "comm_bytes_total": self.ledger.total_bytes,
+            "comm_mb_round": self.ledger.round_bytes(server_round) / MB,
+            "comm_mb_total": self.ledger.total_bytes / MB,
             "examples": int(sum(examples)),
             "examples_dropped": int(sum(m[wire.EXAMPLES_DROPPED] for m in client_metrics)),
             "client_seconds_max": max((float(m[wire.SECONDS]) for m in client_metrics),

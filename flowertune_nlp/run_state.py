@@ -120,14 +120,14 @@ def load_round_state(run_dir: Path) -> RoundState:
         record = json.loads(state_file.read_text())
         server_round = int(record["round"])
         expected = record["adapter"]
-        ledger = CommLedger(**{part: {int(k): int(v) for k, v in
-                                      record["ledger"][part].items()}
-                               for part in ("downloads", "uploads", "evaluation")})
-        config, metrics = dict(record["config"]), list(record["metrics"])
         version = record["format"]
         if version != FORMAT_VERSION:
             raise StateError(f"{state_file} has state format {version}; this version of "
                              f"flowertune_nlp reads format {FORMAT_VERSION}")
+        ledger = CommLedger(**{part: {int(k): int(v) for k, v in
+                                      record["ledger"][part].items()}
+                               for part in ("downloads", "uploads", "evaluation")})
+        config, metrics = dict(record["config"]), list(record["metrics"])
         empty_rounds = int(record["empty_rounds"])
         rule_record = dict(record["rule"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -195,6 +195,23 @@ def check_resumable(state: RoundState, config: AppConfig, run_dir: Path) -> list
                 "saved aggregation state (optimiser moments, momentum, privacy accountant) "
                 "belongs to the original rule. Resume with it, or start a new run"
             )
+    if config.privacy.mode != "off":
+        # What Flower's accountant was built with; its saved releases only compose with it.
+        saved_privacy, saved_dataset = state.config.get("privacy", {}), state.config.get(
+            "dataset", {})
+        for key, saved, now in (
+                ("privacy.target-delta", saved_privacy.get("target_delta"),
+                 config.privacy.target_delta),
+                ("static.dataset.num-partitions", saved_dataset.get("num_partitions"),
+                 config.dataset.num_partitions),
+                ("privacy.noise-multiplier (zero or not)",
+                 bool(saved_privacy.get("noise_multiplier")),
+                 bool(config.privacy.noise_multiplier))):
+            if saved != now:
+                raise StateError(
+                    f"{state_file} was saved with {key} = {saved!r}, but this run has {now!r}; "
+                    "the privacy accountant's saved releases were accounted with the original "
+                    "value. Resume with it (privacy.max-epsilon may change), or start a new run")
     if state.server_round >= config.num_server_rounds:
         raise StateError(
             f"{state_file}: the run already completed round {state.server_round} of "

@@ -82,6 +82,9 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=driver.end_of_round,
         )
     except RunStopped as err:
+        last = len(outputs.metrics)  # the last completed round: its adapter is the result
+        if driver and last and str(last) not in outputs.record["adapters"]:
+            outputs.save_checkpoint(last, driver.global_arrays.to_torch_state_dict())
         outputs.finish("stopped", error=str(err), **driver.privacy_spent() if driver else {})
         raise
     except BaseException as err:

@@ -3,10 +3,12 @@ trained with TRL's SFTTrainer for the configured steps at the round's learning r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -192,11 +194,9 @@ def lean_sft_trainer_class():
     from trl.trainer.utils import add_fused_lm_head
 
     class LeanSFTTrainer(SFTTrainer):
-        def __init__(self, *args, fused_loss: bool, proximal_mu: float = 0.0, **kwargs):
+        def __init__(self, *args, fused_loss: bool, **kwargs):
             super().__init__(*args, **kwargs)
             self.fused_loss = fused_loss
-            self.proximal_mu = proximal_mu
-            self.anchor: list = []  # FedProx: (parameter, global value), set by make_trainer
             base = self.model.get_base_model()
             vars(base).pop("forward", None)  # TRL's head, which also computes the metrics
             add_fused_lm_head(base, outputs=("log_probs",))
@@ -204,19 +204,7 @@ def lean_sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.fused_loss:
                 inputs = {**inputs, "fused_lm_head": True, "use_cache": False}
-            result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            if not self.proximal_mu:
-                return result
-            # FedProx: + mu/2 |w - w_global|^2 once per optimiser step. Trainer.training_step
-            # divides the loss by the accumulation steps unless the model already normalised
-            # it over the whole accumulated batch; then the share is ours to take.
-            term = self.proximal_mu / 2 * sum(((param - anchor) ** 2).sum()
-                                              for param, anchor in self.anchor)
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                term = term / self.current_gradient_accumulation_steps
-            if return_outputs:
-                return result[0] + term, result[1]
-            return result + term
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return LeanSFTTrainer
 
@@ -252,10 +240,9 @@ def restore_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
 
 
 def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate: float,
-                 seed: int, out: str, token_metrics: bool = False, proximal_mu: float = 0.0):
+                 seed: int, out: str, token_metrics: bool = False):
     """The SFTTrainer a client round uses (also what bench/step_efficiency.py times). Its
-    optimizer is built in `train()`, after the adapter has its fp32 tensors back.
-    `proximal_mu` > 0 adds FedProx's proximal term (the server's FedProx sends it)."""
+    optimizer is built in `train()`, after the adapter has its fp32 tensors back."""
     from trl import SFTTrainer
 
     remove_trainer_hooks(client)
@@ -266,13 +253,32 @@ def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate
     if token_metrics:
         trainer = SFTTrainer(**kwargs)
     else:
-        trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda",
-                                           proximal_mu=proximal_mu)
+        trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda")
     restore_adapter(client.model, adapter)
-    if proximal_mu:  # anchor the fp32 tensors the optimizer will update
-        trainer.anchor = [(param, param.detach().clone()) for param in
-                          client.model.parameters() if param.requires_grad]
     return trainer
+
+
+@contextlib.contextmanager
+def proximal_term(model, mu: float, accumulation_steps: int) -> Iterator[None]:
+    """FedProx: the gradient of mu/2 |w - w_global|^2, mu (w - w_global), added to every
+    trainable parameter's gradient once per optimiser step (a share per accumulated micro-batch),
+    w_global being the adapter the round starts from. Added to the gradients, not to the loss,
+    so the reported train loss stays the task's loss, comparable across rules."""
+    if not mu:
+        yield
+        return
+    hooks = []
+    for param in model.parameters():
+        if param.requires_grad:
+            anchor = param.detach().clone()
+            hooks.append(param.register_hook(
+                lambda grad, param=param, anchor=anchor:
+                grad + (mu / accumulation_steps) * (param.detach() - anchor)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def train_round(
@@ -296,9 +302,9 @@ def train_round(
     needed = t.max_steps * t.batch_size * t.gradient_accumulation_steps
     examples = examples_for_round(partition, needed, config.seed, server_round, source.seed_key)
     seed = config.seed + server_round
-    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
-        output = make_trainer(config, client, examples, learning_rate, seed, out,
-                              proximal_mu=proximal_mu).train()
+    with (tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out,
+          proximal_term(client.model, proximal_mu, t.gradient_accumulation_steps)):
+        output = make_trainer(config, client, examples, learning_rate, seed, out).train()
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"training loss is {loss} in round {server_round}")

@@ -172,7 +172,7 @@ def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
     rng = np.random.default_rng(4)
     _round(driver, 1, [_state(rng) for _ in range(3)])
     assert driver.outputs.metrics[-1]["privacy_epsilon"] < 6.0
-    with pytest.raises(RunStopped, match=r"max_epsilon.*privacy.max-epsilon = 6"):
+    with pytest.raises(RunStopped, match=r"spent epsilon \(4.729 .* past privacy.max-epsilon = 6"):
         _round(driver, 2, [_state(rng) for _ in range(3)])
 
 
@@ -230,7 +230,13 @@ def test_poisoned_updates_are_well_formed_and_reproducible():
      "strategy.num-malicious-nodes", "needs at least 7"),
     ({"privacy.mode": "client-fixed", "comm.transport": "fp16"}, "comm.transport", "fp32"),
     ({"privacy.mode": "server-fixed", "strategy.name": "fedmedian"}, "strategy.name",
-     "plain averaging"),
+     "plain mean of the clipped updates"),
+    ({"privacy.mode": "client-adaptive", "strategy.name": "krum",
+      "privacy.clipped-count-stddev": 1.0}, "strategy.name", "use fedavg or fedprox"),
+    ({"privacy.mode": "server-adaptive", "privacy.target-delta": 1e-6,
+      "privacy.clipped-count-stddev": 1.0}, "privacy.target-delta", "accounts no epsilon"),
+    ({"static.dataset.dirichlet-alpha": 0.1}, "static.dataset.dirichlet-alpha",
+     "a parameter of the dirichlet partitioner"),
     ({"privacy.mode": "server-adaptive", "privacy.max-epsilon": 8.0}, "privacy.max-epsilon",
      "no privacy accountant"),
     ({"privacy.noise-multiplier": 0.5}, "privacy.noise-multiplier", "privacy.mode"),
@@ -252,7 +258,8 @@ def test_dp_without_the_accountant_installed_is_refused_with_the_install_command
         build_config({"privacy.mode": "server-fixed"})
 
 
-def test_fedprox_adds_the_proximal_term_to_the_client_loss(tiny_model_dir, alpaca_sample):
+def test_fedprox_adds_the_proximal_gradient_once_per_optimiser_step(tiny_model_dir,
+                                                                    alpaca_sample):
     import tempfile
 
     from flowertune_nlp import training
@@ -265,14 +272,81 @@ def test_fedprox_adds_the_proximal_term_to_the_client_loss(tiny_model_dir, alpac
     client = training.get_client_model(config)
     examples = training.get_partition(config, Source(0), client.tokenizer).dataset.select(range(2))
     with tempfile.TemporaryDirectory() as out:
-        trainer = training.make_trainer(config, client, examples, 1e-4, 0, out, proximal_mu=2.0)
+        trainer = training.make_trainer(config, client, examples, 1e-4, 0, out)
     batch = next(iter(trainer.get_train_dataloader()))
     trainable = [p for p in client.model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for param in trainable:
-            param.add_(0.01)  # 0.01 from the global adapter in every entry
-        with_term = trainer.compute_loss(client.model, batch)
-        trainer.proximal_mu = 0.0
-        without = trainer.compute_loss(client.model, batch)
-    expected = 2.0 / 2 * sum(p.numel() for p in trainable) * 0.01 ** 2
-    assert float(with_term - without) == pytest.approx(expected, rel=1e-4)
+
+    def gradients(mu: float) -> list[torch.Tensor]:
+        client.model.zero_grad()
+        with training.proximal_term(client.model, mu, accumulation_steps=4):
+            with torch.no_grad():
+                for param in trainable:
+                    param.add_(0.01)  # 0.01 away from the adapter the round started from
+            trainer.compute_loss(client.model, batch).backward()
+            with torch.no_grad():
+                for param in trainable:
+                    param.sub_(0.01)
+        return [p.grad.clone() for p in trainable]
+
+    plain, proximal = gradients(0.0), gradients(2.0)
+    for without, with_term in zip(plain, proximal, strict=True):
+        torch.testing.assert_close(with_term - without, torch.full_like(without, 2.0 * 0.01 / 4))
+    client.model.zero_grad()
+    assert gradients(0.0)[0].equal(plain[0])  # the hooks are gone after the round
+
+
+def test_an_adaptive_dp_round_without_usable_replies_is_an_empty_round(tmp_path):
+    from flwr.app import Error
+
+    driver = _driver(tmp_path, **{"privacy.mode": "server-adaptive",
+                                  "privacy.noise-multiplier": 0.5,
+                                  "privacy.clipped-count-stddev": 1.0})
+    arrays = ArrayRecord({A: torch.zeros(2, 5), B: torch.zeros(4, 2)})
+    messages = push(list(driver.configure_train(1, arrays, ConfigRecord(), None)))
+    failed = [Message(Error(code=0, reason="out of memory"), reply_to=m) for m in messages]
+    kept, _ = driver.aggregate_train(1, failed)  # Flower's wrapper would divide by 0 replies
+    driver.end_of_round(1, kept)
+    row = driver.outputs.metrics[-1]
+    assert (row["failures"], row["kept_previous_global"]) == (3, True)
+    assert torch.equal(kept.to_torch_state_dict()[A], torch.zeros(2, 5))
+
+
+def test_the_dp_noise_seed_is_secret_and_survives_a_resume(tmp_path):
+    driver = _driver(tmp_path, **{"privacy.mode": "server-fixed",
+                                  "privacy.noise-multiplier": 1.0})
+    other = _driver(tmp_path / "o", **{"privacy.mode": "server-fixed",
+                                       "privacy.noise-multiplier": 1.0})
+    assert driver.noise_seed != other.noise_seed  # not derived from the (public) seed
+    rng = np.random.default_rng(6)
+    _round(driver, 1, [_state(rng) for _ in range(3)])
+    from flowertune_nlp.run_state import load_round_state
+
+    saved = load_round_state(driver.outputs.directory)
+    assert saved.rule_values["noise_seed"] == driver.noise_seed
+    record = (driver.outputs.directory / "run.json").read_text()
+    metrics = (driver.outputs.directory / "metrics.jsonl").read_text()
+    assert str(driver.noise_seed) not in record + metrics
+
+
+def test_a_run_stopped_by_its_budget_resumes_with_a_larger_one(tmp_path):
+    from flowertune_nlp.run_state import check_resumable, load_round_state
+
+    settings = {"privacy.mode": "server-fixed", "privacy.noise-multiplier": 1.0,
+                "privacy.max-epsilon": 6.0}
+    driver = _driver(tmp_path, **settings)
+    rng = np.random.default_rng(7)
+    _round(driver, 1, [_state(rng) for _ in range(3)])
+    with pytest.raises(RunStopped):
+        _round(driver, 2, [_state(rng) for _ in range(3)])
+    saved = load_round_state(driver.outputs.directory)
+    larger = _config(tmp_path, **{**settings, "privacy.max-epsilon": 20.0})
+    assert check_resumable(saved, larger, driver.outputs.directory) == ["privacy.max-epsilon"]
+    nodes = NodeDirectory(FakeGrid({21: {"partition-id": 0, "num-partitions": 3}}), True, 3, 1, 5)
+    resumed = RoundDriver(larger, RunOutputs.create(_config(tmp_path / "r", **settings)), nodes,
+                          build_rule(larger, 3, population=3), saved)
+    resumed.global_arrays = ArrayRecord(saved.global_state)
+    _round(resumed, 1, [_state(rng) for _ in range(3)])  # round 2 of the run
+    assert resumed.outputs.metrics[-1]["privacy_epsilon"] > 6.0
+    with pytest.raises(Exception, match="privacy.target-delta"):
+        check_resumable(saved, _config(tmp_path, **{**settings, "privacy.target-delta": 1e-6}),
+                        driver.outputs.directory)

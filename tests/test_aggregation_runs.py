@@ -47,11 +47,13 @@ def test_a_scaled_attacker_passes_screening_and_the_median_resists_it(tiny_model
         assert row["heldout_loss_ci_low"] <= row["heldout_loss"] <= row["heldout_loss_ci_high"]
         assert (row["federated_eval_clients"], row["federated_eval_failures"]) == (2, [])
         assert row["federated_eval_loss"] > 0
-    # Evaluate messages carry the adapter too: 3 train downloads + 3 uploads + 2 evaluations,
-    # each 4 bytes per parameter + a 128-byte header per tensor.
+    # 3 train downloads + 3 uploads, and apart from them the 2 evaluate messages, each
+    # 4 bytes per parameter + a 128-byte header per tensor.
     adapter = final_adapter(tmp_path / "clean")
     per_message = sum(4 * t.numel() + 128 for t in adapter.values())
-    assert rows[0]["comm_bytes_round"] == 8 * per_message
+    assert rows[0]["comm_bytes_round"] == 6 * per_message
+    assert (rows[0]["comm_eval_bytes_round"], rows[1]["comm_eval_bytes_total"]) == (
+        2 * per_message, 4 * per_message)
     partitions = json.loads((tmp_path / "clean" / "partitions.json").read_text())
     assert [p["partition"] for p in partitions["partitions"]] == [0, 1, 2]
     assert partitions["validation_rows"] == 16

@@ -38,6 +38,11 @@ def test_baselines_process_the_federated_runs_examples_on_the_same_held_out_rows
         assert [r["round"] for r in rows] == [1, 2]
         assert all(r["examples"] == 2 * 1 * 2 for r in rows)  # K x steps x batch
         assert len(rows[-1]["heldout_loss_per_source"]) == (1 if kind == "centralized" else 2)
+        if kind == "local":  # the mean of the holders' losses, with their range
+            low, high = rows[-1]["heldout_loss_min"], rows[-1]["heldout_loss_max"]
+            assert low <= rows[-1]["heldout_loss"] <= high
+        else:
+            assert "heldout_loss_ci_low" in rows[-1]
         assert (tmp_path / kind / "peft_2" / "adapter_model.safetensors").is_file()
 
 
