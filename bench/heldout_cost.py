@@ -46,7 +46,7 @@ def main() -> None:
     for size in sizes:
         evaluator = HeldOutEvaluator(build_config({**base,
                                                    "static.dataset.validation-size": size}))
-        evaluator._load()
+        evaluator.load()
         score = evaluator(state)
         figures["evaluations"].append({
             "examples": score.examples, "tokens": score.tokens,

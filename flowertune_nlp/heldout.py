@@ -89,7 +89,8 @@ class HeldOutEvaluator:
         self.tokenizer = None
         self.examples = None
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Read the held-out rows and load the base model + LoRA (done by the first call)."""
         from flowertune_nlp.models import (
             add_lora,
             choose_precision,
@@ -117,7 +118,7 @@ class HeldOutEvaluator:
 
         start = time.perf_counter()
         if self.model is None:
-            self._load()
+            self.load()
         set_lora_state_dict(self.model, adapter)
         nll, tokens = example_losses(self.model, self.examples, self.tokenizer.pad_token_id,
                                      self.batch_size)

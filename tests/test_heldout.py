@@ -20,7 +20,7 @@ def config(tiny_model_dir, alpaca_sample):
 
 def test_example_losses_equal_the_models_own_loss_on_response_tokens(config):
     evaluator = HeldOutEvaluator(config, batch_size=3)
-    evaluator._load()
+    evaluator.load()
     model = evaluator.model
     nll, tokens = example_losses(model, evaluator.examples[:5], evaluator.tokenizer.pad_token_id,
                                  batch_size=3)  # padded batches, longest first
@@ -54,7 +54,7 @@ def test_the_evaluator_scores_held_out_rows_that_no_partition_holds(config):
     evaluator = HeldOutEvaluator(config)
     from flowertune_nlp.training import lora_state_dict
 
-    evaluator._load()
+    evaluator.load()
     base = lora_state_dict(evaluator.model)
     first = evaluator(base)
     assert first.examples == len(evaluator.examples) > 0 and first.tokens > first.examples
