@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,16 +28,19 @@ import tomli_w
 
 from evaluation.mmlu import CATEGORY_TITLES, LEADERBOARD_CATEGORIES
 from flowertune_nlp.baselines import KINDS as BASELINE_KINDS
+from flowertune_nlp.baselines import local_partitions
 from flowertune_nlp.config import build_config
 from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
 from flowertune_nlp.outputs import current_status, read_status
+from flowertune_nlp.processes import stop_process_tree
 from flowertune_nlp.run_config import merge_run_configs
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
 TASKS_FILE = ROOT / "tasks.toml"
+CHILD_STOP_SECONDS = 60.0  # a stopped launcher's own clean-up takes a few seconds
 CATEGORY_COLUMNS = tuple((key, CATEGORY_TITLES[key]) for key in LEADERBOARD_CATEGORIES)
 
 
@@ -88,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also train and evaluate these baselines with the same config: "
                         "centralized, local (comma-separated); needs "
                         "static.dataset.validation-size")
+    parser.add_argument("--local-partitions", default=None,
+                        help="`local` baseline: the partitions that each train alone "
+                        "(default: the baselines' own, 0,1,2); each costs a federated run's "
+                        "training time")
     parser.add_argument("--run-id", default=None, help="sweep folder name (default: a timestamp)")
     parser.add_argument("--force", action="store_true",
                         help="redo pairs that already completed in this run id")
@@ -135,9 +143,14 @@ def validate(args: argparse.Namespace) -> dict:
     if unknown:
         raise UsageError(f"--baseline {','.join(unknown)}: unknown; choose from "
                          f"{', '.join(BASELINE_KINDS)}")
+    if args.local_partitions is not None and "local" not in baselines(args):
+        raise UsageError("--local-partitions chooses the local baseline's data holders: add "
+                         "--baseline local")
     if baselines(args):
         try:
             config = build_config(merge_run_configs(run_configs(args)))
+            if args.local_partitions is not None:
+                local_partitions(args.local_partitions, config.dataset.num_partitions)
         except ValueError as err:
             raise UsageError(str(err)) from None
         if not config.dataset.validation_size:
@@ -164,11 +177,19 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_logged(command: list[str], log_file: Path, env: dict[str, str]) -> int:
+    """Run `command`, its output appended to `log_file`. If the sweep is stopped meanwhile
+    (Ctrl-C, SIGTERM), the command and everything it started (the launcher's SuperLink, Ray)
+    are stopped too: subprocess.run would SIGKILL the launcher alone and orphan them."""
     with log_file.open("a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              cwd=ROOT).returncode
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 cwd=ROOT)
+        try:
+            return child.wait()
+        except BaseException:
+            stop_process_tree(child, grace=CHILD_STOP_SECONDS)
+            raise
 
 
 def task_source(args, task: dict, key: str) -> str:
@@ -233,6 +254,8 @@ def train_baseline(model: str, kind: str, args, task: dict, pair_dir: Path, env)
     overrides_file = pair_dir / "run-config.toml"  # written by `train`
     command = [sys.executable, "-m", "flowertune_nlp.baselines", "--kind", kind,
                "--output", str(run_dir)]
+    if kind == "local" and args.local_partitions is not None:
+        command += ["--local-partitions", args.local_partitions]
     for item in [*run_configs(args), str(overrides_file)]:
         command += ["--run-config", item]
     log_file = pair_dir / f"{kind}.log"
@@ -443,6 +466,8 @@ def write_results(sweep_dir: Path, states: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so run_logged stops its command.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         task = validate(args)
     except UsageError as err:

@@ -54,6 +54,20 @@ def baseline_config(config: AppConfig, kind: str, output: Path) -> AppConfig:
     return config
 
 
+def local_partitions(text: str, num_partitions: int) -> list[int]:
+    """`--local-partitions` ("0,1,2") as partition ids, each checked against the federation."""
+    try:
+        partitions = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--local-partitions {text!r}: give partition ids separated by "
+                          "commas, e.g. 0,1,2") from None
+    bad = [p for p in partitions if not 0 <= p < num_partitions]
+    if bad or not partitions:
+        raise ConfigError(f"--local-partitions {bad or text!r} are not partitions of "
+                          f"static.dataset.num-partitions = {num_partitions}")
+    return partitions
+
+
 def train_alone(config: AppConfig, sources: list[Source]) -> Path:
     """Train one adapter per source through the schedule, scoring each round on the held-out
     rows; write the run folder (the first source's adapters; every source's loss)."""
@@ -128,13 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "centralized":
             sources = [Source(0)]
         else:
-            sources = [Source(int(p)) for p in args.local_partitions.split(",")]
-            bad = [s.partition for s in sources
-                   if not 0 <= s.partition < config.dataset.num_partitions]
-            if bad:
-                raise ConfigError(f"--local-partitions {bad} are not partitions of "
-                                  f"static.dataset.num-partitions = "
-                                  f"{config.dataset.num_partitions}")
+            sources = [Source(p) for p in local_partitions(args.local_partitions,
+                                                           config.dataset.num_partitions)]
         if (args.output / "run.json").exists():
             raise ConfigError(f"{args.output} already holds a run; choose another --output")
     except (ConfigError, ValueError) as err:

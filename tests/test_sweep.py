@@ -3,6 +3,8 @@
 import csv
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,8 @@ TINY_OVERRIDES = ("num-server-rounds=1 model.quantization=0 train.seq-length=128
 def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, tmp_path):
     common = ("--task", "general_nlp", "--data-dir", str(SHARED_DATA), "--run-id", "t1",
               "--run-config", f"{TINY_OVERRIDES} static.dataset.validation-size=16",
-              "--baseline", "centralized,local", "--limit-per-subject", "1",
+              "--baseline", "centralized,local", "--local-partitions", "3",
+              "--limit-per-subject", "1",
               "--protocol", "logprob")
     missing = str(tmp_path / "no-such-model")
     first = sweep("--model", f"{tiny_model_dir},{missing}", *common, output_root=tmp_path)
@@ -38,6 +41,8 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     assert good["Status"] == "completed" and bad["Status"] == "failed"
     setups = {r["Setup"]: r for r in table if r["Model"] == str(tiny_model_dir)}
     assert list(setups) == ["base", "local", "federated", "centralized"]
+    local = json.loads((sweep_dir / tiny_model_dir.name / "local" / "run.json").read_text())
+    assert local["baseline_sources"] == ["partition 3"]  # --local-partitions reached it
     for setup in setups.values():  # scored on the same held-out rows, and on MMLU
         assert setup["Held-out loss [95% CI or range]"] and setup["logprob Average"], setup
     assert "does not exist" in bad["Error"]
@@ -96,9 +101,38 @@ def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
     (("--limit-per-subject", "0"), "--limit-per-subject 0 is not >= 1"),
     (("--baseline", "solo"), "--baseline solo: unknown; choose from centralized, local"),
     (("--baseline", "local"), "--baseline compares held-out losses"),
+    (("--local-partitions", "1"), "--local-partitions chooses the local baseline's data "
+                                  "holders: add --baseline local"),
+    (("--baseline", "local", "--local-partitions", "1,x", "--run-config",
+      "static.dataset.validation-size=8"), "--local-partitions '1,x': give partition ids"),
+    (("--baseline", "local", "--local-partitions", "20", "--run-config",
+      "static.dataset.validation-size=8"),
+     "--local-partitions [20] are not partitions of static.dataset.num-partitions = 20"),
 ])
 def test_argument_errors_exit_2_and_write_nothing(args, message, tmp_path):
     result = sweep("--model", "some/model", *args, output_root=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
     assert not any(tmp_path.rglob("results.*"))
+
+
+def test_a_stopped_sweep_stops_the_command_it_runs(tmp_path):
+    """SIGTERM to the sweep reaches its running command (the launcher, which then stops its
+    SuperLink and Ray) instead of orphaning it."""
+    marker = tmp_path / "child-stopped"
+    child = ("import pathlib, signal, sys, time; "
+             f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r})"
+             ".write_text('stopped'), sys.exit(0))); print('ready', flush=True); time.sleep(120)")
+    sweep_side = ("import signal, sys; from pathlib import Path; import run_experiments as r; "
+                  "signal.signal(signal.SIGTERM, signal.default_int_handler); "
+                  f"r.run_logged([sys.executable, '-c', {child!r}], Path({str(tmp_path)!r}) / "
+                  "'child.log', {})")
+    sweep_process = subprocess.Popen([sys.executable, "-c", sweep_side], cwd=ROOT)
+    log = tmp_path / "child.log"
+    deadline = time.monotonic() + 60
+    while "ready" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and sweep_process.poll() is None
+        time.sleep(0.2)
+    sweep_process.terminate()
+    assert sweep_process.wait(timeout=60) != 0  # the sweep itself stops, with an error status
+    assert marker.read_text() == "stopped"  # and its command got SIGTERM, time to clean up
