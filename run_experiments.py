@@ -409,40 +409,70 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + notes + (["", "Failures:", *errors] if errors else [])) + "\n"
 
 
+def heldout_curve(metrics_file: Path) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Rounds, held-out loss and its band (95 % CI, or the range over local holders) of one
+    run, from round 0 (the base model, in run.json) on; empty without held-out scoring."""
+    run_file = metrics_file.with_name("run.json")
+    base = json.loads(run_file.read_text()).get("heldout_base") if run_file.is_file() else None
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
+    scored = ([{"round": 0, **base}] if base else []) + [r for r in rows if "heldout_loss" in r]
+    low = [r.get("heldout_loss_min", r.get("heldout_loss_ci_low", r["heldout_loss"]))
+           for r in scored]
+    high = [r.get("heldout_loss_max", r.get("heldout_loss_ci_high", r["heldout_loss"]))
+            for r in scored]
+    return [r["round"] for r in scored], [r["heldout_loss"] for r in scored], low, high
+
+
 def plot(states: list[dict], target: Path) -> None:
+    """Train loss, held-out loss of every setup (base at round 0), communication and MMLU by
+    category for every model and setup, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, comm_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ((loss_ax, heldout_ax), (comm_ax, acc_ax)) = plt.subplots(2, 2, figsize=(16, 9))
+    scored = []  # (label, evaluation file) of every model and setup with an MMLU result
     for state in states:
+        name = model_slug(state["model"])
         metrics_file = Path(state.get("metrics_file") or "/nonexistent")
         if metrics_file.is_file():
             rows = [json.loads(x) for x in metrics_file.read_text().splitlines()]
             rounds = [r["round"] for r in rows]
-            loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label=model_slug(
-                state["model"]))
-            comm_ax.plot(rounds, [r["comm_mb_total"] for r in rows], marker="o",
-                         label=model_slug(state["model"]))
-    loss_ax.set(title="Train loss per round", xlabel="round", ylabel="loss")
+            loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label=name)
+            comm_ax.plot(rounds, [r["comm_mb_total"] for r in rows], marker="o", label=name)
+        setups = {"federated": state, **state.get("setups", {})}
+        for setup in SETUP_ORDER:
+            part = setups.get(setup)
+            if part is None:
+                continue
+            if part.get("eval_file") and Path(part["eval_file"]).is_file():
+                scored.append((f"{name} {setup}", part["eval_file"]))
+            setup_metrics = Path(part.get("metrics_file") or "/nonexistent")
+            if setup != "base" and setup_metrics.is_file():
+                rounds, losses, low, high = heldout_curve(setup_metrics)
+                if rounds:
+                    line = heldout_ax.plot(rounds, losses, marker="o", label=f"{name} {setup}")
+                    heldout_ax.fill_between(rounds, low, high, alpha=0.08,
+                                            color=line[0].get_color())
+    loss_ax.set(title="Train loss per round (federated)", xlabel="round", ylabel="loss")
+    heldout_ax.set(title="Held-out loss (round 0 = base; band: 95 % CI, local: range)",
+                   xlabel="round", ylabel="mean token loss")
     comm_ax.set(title="Cumulative communication", xlabel="round", ylabel="MB (2^20 bytes)")
-    completed = [s for s in states if s.get("eval_file")]
-    width = 0.8 / max(1, len(completed))
-    for i, state in enumerate(completed):
-        summary = json.loads(Path(state["eval_file"]).read_text())["protocols"]
+    width = 0.8 / max(1, len(scored))
+    for i, (label, eval_file) in enumerate(scored):
+        summary = json.loads(Path(eval_file).read_text())["protocols"]
         for j, protocol in enumerate(p for p in ("flowertune", "logprob") if p in summary):
             values = [100 * summary[protocol]["categories"][key]["accuracy"]
                       if key in summary[protocol]["categories"] else 0
                       for key, _ in CATEGORY_COLUMNS]
             xs = [k + i * width + j * width / 2 for k in range(len(CATEGORY_COLUMNS))]
-            acc_ax.bar(xs, values, width / 2,
-                       label=f"{model_slug(state['model'])} ({protocol})",
+            acc_ax.bar(xs, values, width / 2, label=f"{label} ({protocol})",
                        hatch="//" if protocol == "logprob" else None)
     acc_ax.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
     acc_ax.set_xticks(range(len(CATEGORY_COLUMNS)), [t for _, t in CATEGORY_COLUMNS])
     acc_ax.set(title="MMLU accuracy by category", ylabel="%")
-    for ax in (loss_ax, comm_ax, acc_ax):
+    for ax in (loss_ax, heldout_ax, comm_ax, acc_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

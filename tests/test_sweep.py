@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from tiny import SHARED_DATA
 
+from run_experiments import heldout_curve
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,13 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     pair = json.loads((sweep_dir / tiny_model_dir.name / "pair.json").read_text())
     metrics = [json.loads(x) for x in Path(pair["metrics_file"]).read_text().splitlines()]
     assert float(good["Comm. Costs (MB)"]) == pytest.approx(metrics[-1]["comm_mb_total"], abs=0.01)
+    runs = [pair["metrics_file"]] + [pair["setups"][k]["metrics_file"]
+                                     for k in ("local", "centralized")]
+    curves = [heldout_curve(Path(run)) for run in runs]
+    for rounds, losses, low, high in curves:  # the plot's held-out lines, from the base on
+        assert rounds == [0, 1]
+        assert all(lo <= loss <= hi for lo, loss, hi in zip(low, losses, high, strict=True))
+    assert len({round(losses[0], 6) for _, losses, _, _ in curves}) == 1  # the same rows
 
     second = sweep("--model", str(tiny_model_dir), *common, output_root=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
