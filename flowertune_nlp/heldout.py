@@ -50,6 +50,33 @@ def score(nll: np.ndarray, tokens: np.ndarray, seconds: float, seed: int = 0) ->
                         int(tokens.sum()), seconds)
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    difference: float  # mean token loss of b minus that of a, on the same rows
+    ci_low: float  # bootstrap 95 % interval, both losses on each resample of whole examples
+    ci_high: float
+
+    def as_text(self) -> str:
+        return f"{self.difference:+.4f} [{self.ci_low:+.4f}, {self.ci_high:+.4f}]"
+
+
+def paired_difference(nll_a: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray,
+                      seed: int = 0) -> PairedDifference:
+    """Loss of b minus loss of a on the same held-out rows. Resampling the rows once for both
+    removes the row-to-row spread that makes each loss's own interval wide, so this interval
+    says whether two adapters really differ when their separate intervals overlap."""
+    def loss(nll: np.ndarray, picks) -> np.ndarray:
+        return nll[picks].sum(axis=-1) / tokens[picks].sum(axis=-1)
+
+    everything = np.arange(len(tokens))
+    picks = np.random.default_rng(seed).integers(0, len(tokens),
+                                                 (BOOTSTRAP_RESAMPLES, len(tokens)))
+    resampled = loss(nll_b, picks) - loss(nll_a, picks)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return PairedDifference(float(loss(nll_b, everything) - loss(nll_a, everything)),
+                            float(low), float(high))
+
+
 @torch.no_grad()
 def example_losses(model, examples, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per example: the summed negative log-likelihood of its scored tokens and their count.
@@ -114,15 +141,19 @@ class HeldOutEvaluator:
     def __call__(self, adapter: dict[str, torch.Tensor]) -> HeldOutScore:
         import time
 
+        start = time.perf_counter()
+        nll, tokens = self.example_losses(adapter)
+        return score(nll, tokens, time.perf_counter() - start, seed=self.config.seed)
+
+    def example_losses(self, adapter: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Per held-out row (always in the same order): summed loss and scored tokens."""
         from flowertune_nlp.training import set_lora_state_dict
 
-        start = time.perf_counter()
         if self.model is None:
             self.load()
         set_lora_state_dict(self.model, adapter)
-        nll, tokens = example_losses(self.model, self.examples, self.tokenizer.pad_token_id,
-                                     self.batch_size)
-        return score(nll, tokens, time.perf_counter() - start, seed=self.config.seed)
+        return example_losses(self.model, self.examples, self.tokenizer.pad_token_id,
+                              self.batch_size)
 
     def close(self) -> None:
         """Free the model now (a 4-bit model is a reference cycle)."""

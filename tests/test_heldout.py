@@ -7,7 +7,7 @@ import torch
 
 from flowertune_nlp.config import build_config
 from flowertune_nlp.data import load_partition, load_validation_rows, masked_labels
-from flowertune_nlp.heldout import HeldOutEvaluator, example_losses, score
+from flowertune_nlp.heldout import HeldOutEvaluator, example_losses, paired_difference, score
 
 
 @pytest.fixture
@@ -43,6 +43,22 @@ def test_the_bootstrap_interval_brackets_the_loss_and_collapses_without_spread()
     assert result.perplexity == pytest.approx(np.exp(result.loss))
     flat = score(tokens * 2.0, tokens, 1.0)
     assert flat.loss_ci_low == pytest.approx(2.0) and flat.loss_ci_high == pytest.approx(2.0)
+
+
+def test_a_paired_difference_sees_a_small_shift_that_separate_intervals_hide():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(20, 200, 100).astype(float)
+    nll_a = tokens * rng.uniform(0.5, 3.0, 100)  # rows differ a lot in difficulty
+    nll_b = nll_a + 0.02 * tokens  # b is worse by 0.02 per token on every row
+    a, b = score(nll_a, tokens, 0.0), score(nll_b, tokens, 0.0)
+    assert b.loss_ci_low < a.loss_ci_high  # their own intervals overlap ...
+    shift = paired_difference(nll_a, nll_b, tokens)
+    assert shift.difference == pytest.approx(0.02)  # ... the paired one is exactly the shift
+    assert shift.ci_low == pytest.approx(0.02) and shift.ci_high == pytest.approx(0.02)
+    noisy = paired_difference(nll_a, nll_a + tokens * rng.normal(0, 0.1, 100), tokens)
+    assert noisy.ci_low < noisy.difference < noisy.ci_high
+    assert noisy.ci_low < 0 < noisy.ci_high  # noise alone: no difference claimed
+    assert shift.as_text() == "+0.0200 [+0.0200, +0.0200]"
 
 
 def test_the_evaluator_scores_held_out_rows_that_no_partition_holds(config):
