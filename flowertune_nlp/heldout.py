@@ -3,9 +3,10 @@ no client trains on (`static.dataset.validation-size`), its perplexity, and a bo
 interval over examples. It answers the question training loss cannot: does the global model
 get better on data it has not seen?
 
-The ServerApp scores every round with it (round 0 is the base model), loading the model for
-each evaluation and freeing it after; benchmarks and the baselines score saved adapters with the
-same code, keeping the model between evaluations.
+The ServerApp scores every round with it (round 0 is the base model); benchmarks score saved
+adapters with the same code. The evaluator keeps one copy of the base model + LoRA for the whole
+run (loaded at the first evaluation): re-loading it every round would cost more time than the
+evaluation itself, and on the `cpu-smoke` shape it adds the model's size once to the server.
 """
 
 from __future__ import annotations
@@ -106,23 +107,17 @@ def example_losses(model, examples, pad_id: int, batch_size: int) -> tuple[np.nd
 
 
 class HeldOutEvaluator:
-    """Scores LoRA adapters (state dicts or ArrayRecords) of one run on its held-out rows.
+    """Scores LoRA adapters (state dicts or ArrayRecords) of one run on its held-out rows."""
 
-    With `keep_model` the base model + LoRA stays loaded from the first evaluation on (a
-    benchmark scoring many adapters in a row); without it, it is loaded for each evaluation and
-    freed after, so it never sits in memory while clients train (the ServerApp's choice: memory
-    is the limit on a machine that also runs the clients; the reload costs seconds per round)."""
-
-    def __init__(self, config: AppConfig, batch_size: int = 4, keep_model: bool = True) -> None:
+    def __init__(self, config: AppConfig, batch_size: int = 4) -> None:
         self.config = config
         self.batch_size = batch_size
-        self.keep_model = keep_model
         self.model = None
         self.tokenizer = None
         self.examples = None
 
     def load(self) -> None:
-        """Read the held-out rows (once) and load the base model + LoRA."""
+        """Read the held-out rows and load the base model + LoRA (done by the first call)."""
         from flowertune_nlp.models import (
             add_lora,
             choose_precision,
@@ -133,15 +128,14 @@ class HeldOutEvaluator:
 
         path = resolve_model_path(self.config.model.name)
         precision = choose_precision(self.config.model.precision, self.config.model.quantization)
-        if self.examples is None:
-            self.tokenizer = load_tokenizer(path)
-            held_out = load_validation(self.config, self.tokenizer)
-            if held_out is None:
-                raise ValueError("held-out evaluation needs static.dataset.validation-size > 0")
-            self.examples = list(held_out.dataset)
-            if not self.examples:
-                raise ValueError("no held-out row fits train.seq-length; raise it or "
-                                 "static.dataset.validation-size")
+        self.tokenizer = load_tokenizer(path)
+        held_out = load_validation(self.config, self.tokenizer)
+        if held_out is None:
+            raise ValueError("held-out evaluation needs static.dataset.validation-size > 0")
+        self.examples = list(held_out.dataset)
+        if not self.examples:
+            raise ValueError("no held-out row fits train.seq-length; raise it or "
+                             "static.dataset.validation-size")
         self.model = add_lora(load_base_model(path, precision), self.config.model.lora)
 
     def __call__(self, adapter: dict[str, torch.Tensor]) -> HeldOutScore:
@@ -157,13 +151,9 @@ class HeldOutEvaluator:
 
         if self.model is None:
             self.load()
-        try:
-            set_lora_state_dict(self.model, adapter)
-            return example_losses(self.model, self.examples, self.tokenizer.pad_token_id,
-                                  self.batch_size)
-        finally:
-            if not self.keep_model:
-                self.close()
+        set_lora_state_dict(self.model, adapter)
+        return example_losses(self.model, self.examples, self.tokenizer.pad_token_id,
+                              self.batch_size)
 
     def close(self) -> None:
         """Free the model now (a 4-bit model is a reference cycle)."""

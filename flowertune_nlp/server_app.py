@@ -72,9 +72,7 @@ def main(grid: Grid, context: Context) -> None:
             log.info("planned communication by the published formula: %.2f MB", planned / MB)
         rule = build_rule(config, planned_clients_per_round(config),
                           population=config.dataset.num_partitions)
-        # Loaded per evaluation and freed: no model copy on the server while clients train.
-        heldout = (HeldOutEvaluator(config, keep_model=False) if config.dataset.validation_size
-                   else None)
+        heldout = HeldOutEvaluator(config) if config.dataset.validation_size else None
         driver = RoundDriver(config, outputs, nodes, rule, resumed, heldout)
         driver.start(
             grid=grid,
