@@ -17,16 +17,15 @@ both (`heldout.paired_difference`).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from common import offline, report
+from common import final_adapter, offline, report
 
 
 def adapter_file(path: Path) -> Path:
-    """The adapter of a run folder (its final one) or of a `peft_<round>` folder."""
+    """The adapter of a completed run folder (its final one) or of a `peft_<round>` folder."""
     if (path / "run.json").is_file():
-        path = Path(json.loads((path / "run.json").read_text())["final_adapter"])
+        return final_adapter(path)
     target = path / "adapter_model.safetensors"
     if not target.is_file():
         raise SystemExit(f"{path}: no adapter_model.safetensors (give a run or peft_ folder)")
