@@ -5,6 +5,8 @@
 Summed RSS counts pages shared between processes (torch's libraries, Ray's object store) once
 per process, so it overstates the tree's footprint; summed PSS splits each shared page between
 its users and adds up to what the tree really holds. Both peaks are reported.
+The allocator matters (jemalloc, which the launcher preloads where it is installed, lowers the
+peak), so the report also says which `LD_PRELOAD` the tree's processes really ran with.
 Prints the command's wall time and peak tree RSS/PSS as one line of text and one JSON line last.
 """
 
@@ -19,8 +21,9 @@ import time
 import psutil
 
 
-def tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """(summed RSS, summed PSS) of a process and its descendants, in bytes."""
+def tree_memory(root: psutil.Process, preloads: dict[int, str]) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of a process and its descendants, in bytes; records each new
+    member's LD_PRELOAD in `preloads` (pid -> value, "" for none)."""
     rss = pss = 0
     try:
         members = [root, *root.children(recursive=True)]
@@ -30,6 +33,8 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
         with contextlib.suppress(psutil.Error):
             info = member.memory_full_info()
             rss, pss = rss + info.rss, pss + info.pss
+            if member.pid not in preloads:
+                preloads[member.pid] = member.environ().get("LD_PRELOAD", "")
     return rss, pss
 
 
@@ -38,13 +43,17 @@ def measure(command: list[str], interval: float = 0.5) -> dict:
     process = subprocess.Popen(command)
     root = psutil.Process(process.pid)
     peak_rss = peak_pss = 0
+    preloads: dict[int, str] = {}
     while process.poll() is None:
-        rss, pss = tree_memory(root)
+        rss, pss = tree_memory(root, preloads)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(interval)
+    values = list(preloads.values())
     return {"exit_code": process.returncode, "wall_seconds": round(time.perf_counter() - start, 1),
             "peak_tree_rss_gb": round(peak_rss / 2**30, 2),
-            "peak_tree_pss_gb": round(peak_pss / 2**30, 2)}
+            "peak_tree_pss_gb": round(peak_pss / 2**30, 2),
+            "processes": len(values),
+            "ld_preload": {value or "none": values.count(value) for value in set(values)}}
 
 
 if __name__ == "__main__":
@@ -53,6 +62,7 @@ if __name__ == "__main__":
         args = args[1:]
     result = measure(args)
     print(f"exit {result['exit_code']}, {result['wall_seconds']} s, peak tree RSS "
-          f"{result['peak_tree_rss_gb']} GB, peak tree PSS {result['peak_tree_pss_gb']} GB")
+          f"{result['peak_tree_rss_gb']} GB, peak tree PSS {result['peak_tree_pss_gb']} GB; "
+          f"LD_PRELOAD of its {result['processes']} processes: {result['ld_preload']}")
     print(json.dumps(result))
     sys.exit(result["exit_code"])

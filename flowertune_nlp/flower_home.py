@@ -40,6 +40,10 @@ def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]
     """
     env = dict(os.environ)
     library = find_jemalloc() if jemalloc else None
+    if jemalloc and library is None:  # said, not silent: the run's peak memory depends on it
+        print("note: jemalloc is not installed (Debian/Ubuntu: apt install libjemalloc2); "
+              "Flower's processes use the system allocator, about 0.3 GB more peak memory",
+              file=sys.stderr)
     if library and library not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = " ".join(filter(None, [library, env.get("LD_PRELOAD")]))
     env.update(
