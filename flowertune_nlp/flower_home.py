@@ -35,7 +35,7 @@ def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]
     """The environment every Flower process of a run needs (inherited by ClientApps).
 
     With `jemalloc`, and where it is installed, it is preloaded into every Flower process: it
-    cut a run's peak memory by 0.3 GB RSS / 0.5 GB PSS here (steps were not faster;
+    cut a run's peak memory by 0.3-0.4 GB RSS / 0.2-0.5 GB PSS here (steps were not faster;
     bench/step_efficiency.py and bench/peak_rss.py measure both).
     """
     env = dict(os.environ)
