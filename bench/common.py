@@ -67,4 +67,6 @@ def final_adapter(run_dir: Path) -> Path:
     record = json.loads((run_dir / "run.json").read_text())
     if record["status"] != "completed":
         raise SystemExit(f"{run_dir}: {record['status']}: {record.get('error')}")
-    return Path(record["final_adapter"]) / "adapter_model.safetensors"
+    from flowertune_nlp.outputs import ADAPTER_WEIGHTS
+
+    return Path(record["final_adapter"]) / ADAPTER_WEIGHTS

@@ -24,11 +24,13 @@ from common import final_adapter, offline, report
 
 def adapter_file(path: Path) -> Path:
     """The adapter of a completed run folder (its final one) or of a `peft_<round>` folder."""
+    from flowertune_nlp.outputs import ADAPTER_WEIGHTS
+
     if (path / "run.json").is_file():
         return final_adapter(path)
-    target = path / "adapter_model.safetensors"
+    target = path / ADAPTER_WEIGHTS
     if not target.is_file():
-        raise SystemExit(f"{path}: no adapter_model.safetensors (give a run or peft_ folder)")
+        raise SystemExit(f"{path}: no {ADAPTER_WEIGHTS} (give a run or peft_ folder)")
     return target
 
 

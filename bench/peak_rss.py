@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import psutil
 
@@ -48,12 +49,10 @@ def measure(command: list[str], interval: float = 0.5) -> dict:
         rss, pss = tree_memory(root, preloads)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(interval)
-    values = list(preloads.values())
     return {"exit_code": process.returncode, "wall_seconds": round(time.perf_counter() - start, 1),
             "peak_tree_rss_gb": round(peak_rss / 2**30, 2),
             "peak_tree_pss_gb": round(peak_pss / 2**30, 2),
-            "processes": len(values),
-            "ld_preload": {value or "none": values.count(value) for value in set(values)}}
+            "ld_preload": dict(Counter(value or "none" for value in preloads.values()))}
 
 
 if __name__ == "__main__":
@@ -63,6 +62,6 @@ if __name__ == "__main__":
     result = measure(args)
     print(f"exit {result['exit_code']}, {result['wall_seconds']} s, peak tree RSS "
           f"{result['peak_tree_rss_gb']} GB, peak tree PSS {result['peak_tree_pss_gb']} GB; "
-          f"LD_PRELOAD of its {result['processes']} processes: {result['ld_preload']}")
+          f"LD_PRELOAD of its processes (how many had each): {result['ld_preload']}")
     print(json.dumps(result))
     sys.exit(result["exit_code"])
