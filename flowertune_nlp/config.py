@@ -19,6 +19,7 @@ from typing import Any, get_origin, get_type_hints
 
 from flowertune_nlp.faults import Fault, parse_faults
 from flowertune_nlp.names import PACKAGE_PREFIX, is_local_reference, resolve_package_file
+from flowertune_nlp.tasks import ALIASES, DEFAULT_TASK, TASKS, get_task
 
 QUANTIZATION_CHOICES = (0, 4, 8)
 PRECISION_CHOICES = ("auto", "bf16", "fp32", "fp16")
@@ -131,9 +132,10 @@ class StrategySettings:
                     "aggregation rule: Flower's own strategies, or `flexlora` (SVD "
                     "re-projection of the averaged LoRA products)", *_choices(STRATEGY_CHOICES))
     fraction_train: float = key(
-        "strategy.fraction-train", 0.1,
-        "share of the data sources trained per round (Flower's rule, at least 1): 2 of 20 "
-        "partitions", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+        "strategy.fraction-train", 0.0,
+        "share of the data sources trained per round (Flower's rule, at least 1); 0: the "
+        "task's leaderboard shape (0.1: 2 of 20 partitions; code 0.2)",
+        lambda v: 0.0 <= v <= 1.0, "must be in (0, 1], or 0 for the task's own")
     fraction_evaluate: float = key(
         "strategy.fraction-evaluate", 0.0,
         "share of the data sources whose clients score the global adapter each round on their "
@@ -203,11 +205,14 @@ def _validation_size_ok(v: float) -> bool:
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    name: str = key("static.dataset.name", "vicgalle/alpaca-gpt4",
-                    "hub id, or a local .json/.jsonl/.parquet file or folder")
-    num_partitions: int = key("static.dataset.num-partitions", 20,
-                              "partitions of the dataset (the simulation's data sources)",
-                              lambda v: v >= 1, "must be an integer >= 1")
+    name: str = key("static.dataset.name", "",
+                    "hub id, or a local .json/.jsonl/.parquet file or folder; empty: the "
+                    "task's training set (`python -m flowertune_nlp.tasks list`)")
+    num_partitions: int = key("static.dataset.num-partitions", 0,
+                              "partitions of the dataset (the simulation's data sources); 0: "
+                              "the task's leaderboard shape (20; finance 50, code 10)",
+                              lambda v: v >= 0, "must be an integer >= 1, or 0 for the task's "
+                              "own")
     partitioner: str = key(
         "static.dataset.partitioner", "iid",
         "flwr-datasets partitioner: `iid` (equal random shares), `dirichlet` (label mix per "
@@ -280,6 +285,10 @@ class AppConfig:
     output_dir: str = key("output-dir", "results",
                           "where run folders go (relative to where you launch)")
     seed: int = key("seed", 42, "client sampling, LoRA init, data order")
+    task: str = key("task", DEFAULT_TASK,
+                    "FlowerTune challenge: its training set, row format, federation shape and "
+                    "evaluation suite", lambda v: v in TASKS,
+                    f"allowed values are {', '.join(TASKS)} (or general-nlp)")
     run: RunSettings = field(default_factory=RunSettings)
     faults: tuple[Fault, ...] = key(
         "faults.inject", (), "deliberate faults for testing, see "
@@ -529,8 +538,22 @@ def _validate_aggregation(config: AppConfig) -> None:
                'clipping bound: use comm.transport = "fp32"')
 
 
+def with_task_defaults(config: AppConfig) -> AppConfig:
+    """Fill the keys left at "the task's own" (empty dataset name, 0 partitions, 0 fraction)
+    from the task's definition (flowertune_nlp/tasks.py)."""
+    task = get_task(config.task)
+    dataset, strategy = config.dataset, config.strategy
+    return dataclasses.replace(
+        config, task=task.name,
+        dataset=dataclasses.replace(dataset, name=dataset.name or task.dataset,
+                                    num_partitions=dataset.num_partitions or task.num_partitions),
+        strategy=dataclasses.replace(strategy,
+                                     fraction_train=strategy.fraction_train or task.fraction_train))
+
+
 def build_config(run_config: Mapping[str, Any]) -> AppConfig:
-    """Build and validate the AppConfig from Flower's flat run config."""
+    """Build and validate the AppConfig from Flower's flat run config; keys left at the task's
+    own take the task's values."""
     config = AppConfig()
     unknown = sorted(set(run_config) - set(KEYS))
     if unknown:
@@ -539,5 +562,9 @@ def build_config(run_config: Mapping[str, Any]) -> AppConfig:
         )
     for name, value in run_config.items():
         spec = KEYS[name]
-        config = _replace_path(config, spec.path, _coerce(name, value, spec.kind))
-    return validate(config)
+        value = _coerce(name, value, spec.kind)
+        if name == "task":
+            value = ALIASES.get(value, value)
+        config = _replace_path(config, spec.path, value)
+    _check(config.task in TASKS, "task", config.task, KEYS["task"].allowed)
+    return validate(with_task_defaults(config))

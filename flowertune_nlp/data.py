@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict
 
 from flowertune_nlp.config import AppConfig, ConfigError, DatasetSettings
 from flowertune_nlp.names import is_local_reference
+from flowertune_nlp.tasks import DEFAULT_TASK, get_task
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def load_validation(config: AppConfig, tokenizer) -> TokenizedPartition | None:
         return None
     return tokenize_partition(rows, tokenizer, config.train.seq_length,
                               config.dataset.keep_input_field, config.dataset.prompt_template,
-                              train_eos=config.train.train_eos)
+                              train_eos=config.train.train_eos, task=config.task)
 
 
 def masked_labels(example: dict) -> list[int]:
@@ -438,21 +439,22 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int,
 
 def tokenize_partition(
     rows: Dataset, tokenizer, max_length: int, keep_input: bool, template: str = "alpaca",
-    train_eos: bool = True,
+    train_eos: bool = True, task: str = DEFAULT_TASK,
 ) -> TokenizedPartition:
+    """Each row as the task reads it (`tasks.Task.training_row`: finance and code join
+    instruction and input, medical asks the question), prompted and tokenised."""
+    training_row = get_task(task).training_row
     examples: list[dict] = []
     dropped_empty = dropped_truncated = 0
     for row in rows:
-        instruction, output = row.get("instruction"), row.get("output")
-        if not isinstance(instruction, str) or not instruction.strip() or not isinstance(
-            output, str
-        ) or not output.strip():
+        instruction, context, output = training_row(row, keep_input)
+        if not instruction.strip() or not output.strip():
             dropped_empty += 1
             continue
         if template == "chat":
-            prompt = chat_prompt(tokenizer, instruction, row.get("input"), keep_input)
+            prompt = chat_prompt(tokenizer, instruction, context, keep_input)
         else:
-            prompt = format_prompt(instruction, row.get("input"), keep_input)
+            prompt = format_prompt(instruction, context, keep_input)
         example = tokenize_example(tokenizer, prompt, output.strip(), max_length,
                                    add_special_tokens=template != "chat", train_eos=train_eos)
         if example is None:

@@ -10,7 +10,9 @@ from flowertune_nlp.config import (
     ConfigError,
     build_config,
     markdown_table,
+    planned_clients_per_round,
     toml_value,
+    with_task_defaults,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +38,36 @@ def test_pyproject_defaults_equal_the_key_definitions():
     flat = pyproject_run_config()
     assert set(flat) == set(RUN_CONFIG_KEYS)
     assert {name: toml_value(spec.default) for name, spec in KEYS.items()} == flat
-    assert build_config(flat) == AppConfig()
-    assert build_config({}) == AppConfig()
+    assert build_config(flat) == with_task_defaults(AppConfig())
+    assert build_config({}) == with_task_defaults(AppConfig())
+
+
+@pytest.mark.parametrize(("task", "dataset", "partitions", "fraction", "per_round"), [
+    ("general_nlp", "vicgalle/alpaca-gpt4", 20, 0.1, 2),
+    ("general-nlp", "vicgalle/alpaca-gpt4", 20, 0.1, 2),
+    ("finance", "flwrlabs/fingpt-sentiment-train", 50, 0.1, 5),
+    ("medical", "flwrlabs/medical-meadow-medical-flashcards", 20, 0.1, 2),
+    ("code", "flwrlabs/code-alpaca-20k", 10, 0.2, 2),
+])
+def test_a_task_brings_its_leaderboard_shape(task, dataset, partitions, fraction, per_round):
+    config = build_config({"task": task})
+    assert config.task == task.replace("-", "_")
+    assert (config.dataset.name, config.dataset.num_partitions) == (dataset, partitions)
+    assert config.strategy.fraction_train == fraction
+    assert planned_clients_per_round(config) == per_round
+
+
+def test_keys_set_by_the_user_win_over_the_task_shape():
+    config = build_config({"task": "finance", "static.dataset.num-partitions": 4,
+                           "strategy.fraction-train": 0.5, "static.dataset.name": "x/y"})
+    assert (config.dataset.num_partitions, config.strategy.fraction_train) == (4, 0.5)
+    assert config.dataset.name == "x/y"
+
+
+def test_an_unknown_task_names_the_known_ones():
+    with pytest.raises(ConfigError, match="run config key 'task'.*general_nlp, finance, "
+                                          "medical, code"):
+        build_config({"task": "legal"})
 
 
 def test_readme_table_is_derived_from_the_key_definitions():
@@ -46,7 +76,7 @@ def test_readme_table_is_derived_from_the_key_definitions():
 
 
 def test_baseline_defaults():
-    c = AppConfig()
+    c = build_config({})
     assert (c.num_server_rounds, c.model.name, c.model.quantization) == (
         10, "Qwen/Qwen2.5-7B-Instruct", 4)
     assert (c.model.lora.r, c.model.lora.alpha, c.train.seq_length) == (32, 64, 512)
@@ -69,7 +99,6 @@ def test_presets_parse(tmp_path):
     [
         ("model.lora.peft-lora-r", 0, "rank must be > 0"),
         ("model.lora.peft-lora-r", -4, "rank must be > 0"),
-        ("strategy.fraction-train", 0.0, "(0, 1]"),
         ("strategy.fraction-train", 1.5, "(0, 1]"),
         ("model.quantization", 5, "4 (nf4), 8 (int8) or 0"),
         ("model.precision", "fp8", "auto, bf16, fp32"),

@@ -105,7 +105,7 @@ def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
     rows = json.loads(alpaca_sample.read_text())
     seen = []
     for pid in range(20):
-        part = load_partition(DatasetSettings(name=str(alpaca_sample)), pid, seed=7)
+        part = load_partition(DatasetSettings(name=str(alpaca_sample), num_partitions=20), pid, seed=7)
         assert 45 <= len(part) <= 55
         seen += [(r["instruction"], r["input"], r["output"]) for r in part]
     assert len(seen) == len(rows)
@@ -113,7 +113,7 @@ def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
 
 
 def test_each_round_sees_a_different_order(tokenizer, alpaca_sample):
-    rows = load_partition(DatasetSettings(name=str(alpaca_sample)), 3, seed=7)
+    rows = load_partition(DatasetSettings(name=str(alpaca_sample), num_partitions=20), 3, seed=7)
     partition = tokenize_partition(rows, tokenizer, max_length=256, keep_input=True)
     first = examples_for_round(partition, 8, seed=7, server_round=1, partition_id=3)
     second = examples_for_round(partition, 8, seed=7, server_round=2, partition_id=3)

@@ -27,7 +27,7 @@ def with_ids(tmp_path_factory, rows):
 
 
 def settings(name, **kwargs) -> DatasetSettings:
-    return DatasetSettings(name=str(name), **kwargs)
+    return DatasetSettings(name=str(name), **{"num_partitions": 20, **kwargs})
 
 
 def ids_of(dataset_settings, seed=7) -> list[list[int]]:

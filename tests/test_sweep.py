@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny import SHARED_DATA
 
-from run_experiments import heldout_curve
+from flowertune_nlp.sweep_report import heldout_curve
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,27 +36,31 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     missing = str(tmp_path / "no-such-model")
     first = sweep("--model", f"{tiny_model_dir},{missing}", *common, output_root=tmp_path)
     assert first.returncode == 1, first.stdout + first.stderr
-    sweep_dir = tmp_path / "general_nlp" / "t1"
+    sweep_dir = tmp_path / "t1"
+    pair_dir = sweep_dir / "general_nlp" / tiny_model_dir.name
     table = list(csv.DictReader((sweep_dir / "results.csv").open()))
-    rows = {r["Model"]: r for r in table if r["Setup"] == "federated"}
+    rows = {r["Model source"]: r for r in table if r["Setup"] == "federated"}
     good, bad = rows[str(tiny_model_dir)], rows[missing]
     assert good["Status"] == "completed" and bad["Status"] == "failed"
-    setups = {r["Setup"]: r for r in table if r["Model"] == str(tiny_model_dir)}
+    assert good["Model"] == tiny_model_dir.name  # short names in the table
+    setups = {r["Setup"]: r for r in table if r["Model source"] == str(tiny_model_dir)}
     assert list(setups) == ["base", "local", "federated", "centralized"]
-    local = json.loads((sweep_dir / tiny_model_dir.name / "local" / "run.json").read_text())
+    local = json.loads((pair_dir / "local" / "run.json").read_text())
     assert local["baseline_sources"] == ["partition 3"]  # --local-partitions reached it
     for setup in setups.values():  # scored on the same held-out rows, and on MMLU
-        assert setup["Held-out loss [95% CI or range]"] and setup["logprob Average"], setup
+        assert setup["Held-out loss [95% CI or range]"] and setup["Robust mean"], setup
     assert "does not exist" in bad["Error"]
-    for column in ("logprob STEM", "logprob Social Sciences", "logprob Humanities",
-                   "logprob Average", "Comm. Costs (MB)", "Rounds"):
+    for column in ("Robust", "Robust mean", "Comm. Costs (MB)", "Rounds"):
         assert good[column] not in ("", None), column
-    scored = json.loads((sweep_dir / tiny_model_dir.name / "eval.json").read_text())
-    assert float(good["logprob Average"]) == pytest.approx(
+    assert [cell.split()[0] for cell in good["Robust"].split(" · ")] == [
+        "STEM", "Social", "Humanities"]
+    scored = json.loads((pair_dir / "eval.json").read_text())
+    assert float(good["Robust mean"]) == pytest.approx(
         100 * scored["protocols"]["logprob"]["average"], abs=0.01)
+    assert (sweep_dir / "results-general_nlp.png").stat().st_size > 10_000
     assert (sweep_dir / "results.png").stat().st_size > 10_000
     assert "| Model |" in (sweep_dir / "results.md").read_text()
-    pair = json.loads((sweep_dir / tiny_model_dir.name / "pair.json").read_text())
+    pair = json.loads((pair_dir / "pair.json").read_text())
     metrics = [json.loads(x) for x in Path(pair["metrics_file"]).read_text().splitlines()]
     assert float(good["Comm. Costs (MB)"]) == pytest.approx(metrics[-1]["comm_mb_total"], abs=0.01)
     runs = [pair["metrics_file"]] + [pair["setups"][k]["metrics_file"]
@@ -76,9 +80,9 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
                       "--eval-only", "--force", output_root=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert "training" not in evaluated.stdout
-    rows = {r["Model"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())
+    rows = {r["Model source"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())
             if r["Setup"] == "federated"}
-    assert rows[str(tiny_model_dir)]["Average"] not in ("", None)
+    assert rows[str(tiny_model_dir)]["Leaderboard mean"] not in ("", None)
 
 
 def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
@@ -91,7 +95,7 @@ def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
                     output_root=tmp_path)
     assert stopped.returncode == 1
     assert "--resume --run-id r1" in stopped.stdout
-    train_dir = tmp_path / "general_nlp" / "r1" / tiny_model_dir.name / "train"
+    train_dir = tmp_path / "r1" / "general_nlp" / tiny_model_dir.name / "train"
     assert json.loads((train_dir / "run.json").read_text())["status"] == "stopped"
 
     resumed = sweep(*common, "--run-config", two_rounds, "--resume", output_root=tmp_path)
@@ -103,11 +107,14 @@ def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--task", "finance"), "unknown task 'finance'; known tasks: general_nlp"),
+    (("--task", "legal"), "unknown task 'legal'; known tasks: general_nlp, finance"),
+    (("--task", "finance,legal"), "unknown task 'legal'"),
+    (("--protocol", "exact"), "--protocol 'exact': choose leaderboard, robust or both"),
     (("--preset", "gpu-huge"), "unknown preset 'gpu-huge'; known presets:"),
-    (("--data-dir", "/no/such/dir"), "has no alpaca-gpt4/ folder"),
+    (("--data-dir", "/no/such/dir"), "has no mmlu/test (task general_nlp)"),
+    (("--data-dir", "/no/such/dir", "--task", "code"), "has no code (task code)"),
     (("--resume",), "--resume needs the --run-id"),
-    (("--limit-per-subject", "0"), "--limit-per-subject 0 is not >= 1"),
+    (("--limit-per-subject", "0"), "--eval-limit 0 is not >= 1"),
     (("--baseline", "solo"), "--baseline solo: unknown; choose from centralized, local"),
     (("--baseline", "local"), "--baseline compares held-out losses"),
     (("--local-partitions", "1"), "--local-partitions chooses the local baseline's data "
