@@ -26,6 +26,7 @@ import tomli_w
 
 from flowertune_nlp.baselines import KINDS as BASELINE_KINDS
 from flowertune_nlp.baselines import local_partitions
+from flowertune_nlp.cli import ArgumentParser
 from flowertune_nlp.config import build_config
 from flowertune_nlp.flower_home import QUIET_ENVIRONMENT
 from flowertune_nlp.io import atomic_write_json, atomic_write_text
@@ -59,7 +60,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True,
                         help="base model: hub id, local folder, GGUF file or package:<pkg>/<file>;"

@@ -19,12 +19,13 @@ from evaluation.tasks_runner import (
     evaluate_task,
     format_task_table,
 )
+from flowertune_nlp.cli import ArgumentParser
 from flowertune_nlp.config import PRECISION_CHOICES
 from flowertune_nlp.tasks import DEFAULT_TASK, TASKS, UnknownTask, canonical_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m evaluation",
         description="Score a base model plus a saved PEFT adapter on a task's benchmarks with "
         "the FlowerTune leaderboard protocol and/or a robust protocol (log-likelihood for "
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="accept an adapter whose recorded base model name differs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     return parser.parse_args(argv)
 
 
@@ -104,10 +107,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--base-model-name-path is required (the model to score)")
         if args.task != "general_nlp":
             return evaluate_suite(args)
+        return evaluate_mmlu(args)
     except (AdapterError, UnknownTask, ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return evaluate_mmlu(args)
+    except ConnectionError as err:  # datasets and the hub client: no network, or offline mode
+        if args.debug:
+            raise
+        print(f"error: cannot reach the Hugging Face hub ({err}); offline, give the local "
+              "copies with --data-dir (MMLU: or --mmlu-path) and a local --base-model-name-path",
+              file=sys.stderr)
+        return 2
+    except OSError as err:  # transformers' hub model load: "couldn't connect", missing files
+        if args.debug:
+            raise
+        print(f"error: {err}".splitlines()[0] + " (check --base-model-name-path / --peft-path; "
+              "offline, a local folder or package:<pkg>/<file>)", file=sys.stderr)
+        return 2
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -168,11 +186,7 @@ def evaluate_mmlu(args: argparse.Namespace) -> int:
         allow_base_mismatch=args.allow_base_mismatch,
         progress=not args.no_progress,
     )
-    try:
-        result = evaluate(request)
-    except (AdapterError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate(request)
     print(format_table(result))
     print(f"results: {result['output_file']}\npredictions: {result['predictions_file']}")
     return 0

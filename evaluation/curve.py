@@ -11,7 +11,6 @@ Reads the base model and the checkpoints from the run's run.json and metrics.jso
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -32,6 +31,7 @@ from evaluation.runner import (
     load_base,
     score,
 )
+from flowertune_nlp.cli import ArgumentParser
 from flowertune_nlp.io import atomic_write_figure, atomic_write_json, atomic_write_text
 from flowertune_nlp.models import release_memory
 from flowertune_nlp.outputs import current_status
@@ -138,7 +138,7 @@ def score_checkpoints(template: EvalRequest, adapters: dict[int, str], comm: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.curve",
+    parser = ArgumentParser(prog="python -m evaluation.curve",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, help="a completed training run folder")
     parser.add_argument("--mmlu-path", required=True, help="local MMLU folder or hub id")

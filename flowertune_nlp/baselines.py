@@ -16,13 +16,13 @@ loss per round, `peft_<round>/`), so the sweep evaluates and tabulates it the sa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 
+from flowertune_nlp.cli import ArgumentParser
 from flowertune_nlp.config import (
     AppConfig,
     ConfigError,
@@ -124,7 +124,7 @@ def train_alone(config: AppConfig, sources: list[Source]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--run-config", action="append", default=[],
                         help="the federated run's config: TOML files and key=value text")

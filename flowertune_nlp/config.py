@@ -11,8 +11,9 @@ costs a second, not a model download.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -551,15 +552,21 @@ def with_task_defaults(config: AppConfig) -> AppConfig:
                                      fraction_train=strategy.fraction_train or task.fraction_train))
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """", did you mean 'x'?" with the closest known names, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def build_config(run_config: Mapping[str, Any]) -> AppConfig:
     """Build and validate the AppConfig from Flower's flat run config; keys left at the task's
     own take the task's values."""
     config = AppConfig()
     unknown = sorted(set(run_config) - set(KEYS))
     if unknown:
-        raise ConfigError(
-            f"unknown run config key(s) {', '.join(unknown)}; known keys: {', '.join(KEYS)}"
-        )
+        raise ConfigError("; ".join(f"unknown run config key '{name}'{did_you_mean(name, KEYS)}"
+                                    for name in unknown)
+                          + " (`python -m flowertune_nlp.launch --list-keys` lists them all)")
     for name, value in run_config.items():
         spec = KEYS[name]
         value = _coerce(name, value, spec.kind)

@@ -24,7 +24,8 @@ from typing import Any
 import tomli_w
 
 from flowertune_nlp import hardware
-from flowertune_nlp.config import ConfigError, build_config
+from flowertune_nlp.cli import ArgumentParser
+from flowertune_nlp.config import ConfigError, build_config, markdown_table
 from flowertune_nlp.flower_home import (
     FEDERATION,
     federation_config,
@@ -109,7 +110,7 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", "-c", action="append", default=[],
                         help="a TOML file or 'key=value' overrides, as for `flwr run`; repeatable")
@@ -124,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         "NVIDIA GPU, else 0; 0.5: two clients share a GPU)")
     parser.add_argument("--no-jemalloc", action="store_true",
                         help="do not preload jemalloc even where it is installed")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every run-config key with its default and meaning, then exit")
     parser.add_argument("--stop-local-superlink", action="store_true",
                         help="stop the SuperLink (and its SuperExec, Ray) that a plain `flwr run` "
                              "left running, then exit")
     args = parser.parse_args(argv)
+    if args.list_keys:
+        print(markdown_table())
+        return 0
     if args.stop_local_superlink:
         stopped = stop_local_superlink()
         print(f"stopped local SuperLink {stopped}" if stopped else "no local SuperLink running")
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                       jemalloc=not args.no_jemalloc)
     if outcome.error:
         print(f"error: {outcome.error}", file=sys.stderr)
+    if outcome.run_dir:
+        print(f"run {outcome.status}: {outcome.run_dir}", file=sys.stderr)
     print(json.dumps({"status": outcome.status,
                       "run_dir": str(outcome.run_dir) if outcome.run_dir else None}))
     return outcome.exit_code

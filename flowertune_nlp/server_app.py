@@ -86,9 +86,12 @@ def main(grid: Grid, context: Context) -> None:
         if driver and last and str(last) not in outputs.record["adapters"]:
             outputs.save_checkpoint(last, driver.global_arrays.to_torch_state_dict())
         outputs.finish("stopped", error=str(err), **driver.privacy_spent() if driver else {})
+        log.info("run stopped: %s (continue with run.resume=\"%s\")", outputs.directory,
+                 outputs.directory)
         raise
     except BaseException as err:
         outputs.finish("failed", error=f"{type(err).__name__}: {err}")
+        log.error("run failed: %s", outputs.directory)
         raise
     outputs.finish(
         "completed",
@@ -97,3 +100,5 @@ def main(grid: Grid, context: Context) -> None:
         comm_mb_total=driver.ledger.total_bytes / MB,
         **driver.privacy_spent(),
     )
+    log.info("run completed: %s (final adapter %s)", outputs.directory,
+             outputs.record.get("final_adapter"))

@@ -17,11 +17,12 @@ Where we deviate from the leaderboard's training recipe, and why:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flowertune_nlp.cli import ArgumentParser
 
 # (instruction, input or None, output) of one training row.
 TrainingRow = tuple[str, str | None, str]
@@ -168,7 +169,7 @@ def stand_in_path(task: Task, data_dir: Path, cache_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """`python -m flowertune_nlp.tasks`: list the tasks, or print a task's offline training
     file (building the finance stand-in) for `--run-config static.dataset.name=...`."""
-    parser = argparse.ArgumentParser(prog="python -m flowertune_nlp.tasks",
+    parser = ArgumentParser(prog="python -m flowertune_nlp.tasks",
                                      description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the tasks and what defines them")
