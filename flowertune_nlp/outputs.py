@@ -78,20 +78,28 @@ def read_status(record_file: Path) -> str | None:
         return None
 
 
-def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig) -> None:
-    """Write a PEFT adapter folder (adapter_config.json + safetensors), atomically.
+def save_adapter(target: Path, state: dict[str, torch.Tensor], config: AppConfig,
+                 card: str | None = None) -> None:
+    """Write a PEFT adapter folder (adapter_config.json + safetensors, and the model card
+    README.md when given), atomically.
 
     The server holds no model, so it writes the same two files `PeftModel.save_pretrained`
-    would, with PEFT's own LoraConfig serializer and PEFT's key names.
+    would, with PEFT's own LoraConfig serializer and PEFT's key names; the base model is named
+    as other tools resolve it (model_card.adapter_base_reference).
     """
     from safetensors.torch import save_file
 
+    from flowertune_nlp.model_card import adapter_base_reference
     from flowertune_nlp.models import lora_config
+
+    base = adapter_base_reference(config.model.name)
 
     def fill(staging: Path) -> None:
         lora = lora_config(config.model.lora)
-        lora.base_model_name_or_path = config.model.name
+        lora.base_model_name_or_path = base
         lora.save_pretrained(str(staging))
+        if card is not None:
+            (staging / "README.md").write_text(card)
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
 
@@ -124,6 +132,7 @@ class RunOutputs:
             "status": "running",
             "server": server_process(),
             "seed": config.seed,
+            "task": config.task,
             "config": config.to_dict(),
             "versions": package_versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -172,9 +181,13 @@ class RunOutputs:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics)
         atomic_write_text(self.directory / "metrics.jsonl", lines)
 
-    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor],
+                        row: dict | None = None) -> Path:
+        """peft_<round>/ with its model card (`row`: the round's metrics, for the card)."""
+        from flowertune_nlp.model_card import model_card
+
         target = self.directory / f"peft_{server_round}"
-        save_adapter(target, state, self.config)
+        save_adapter(target, state, self.config, model_card(self.config, server_round, row))
         self.record["adapters"][str(server_round)] = str(target)
         self.record["final_adapter"] = str(target)
         self.write_record()
