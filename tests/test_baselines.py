@@ -3,6 +3,8 @@ federated run they are compared with, scored on the same held-out rows."""
 
 import json
 
+import pytest
+
 from flowertune_nlp.baselines import baseline_config, main
 from flowertune_nlp.config import build_config
 from flowertune_nlp.data import load_validation_rows
@@ -16,6 +18,7 @@ def _settings(tiny_model_dir, alpaca_sample, tmp_path):
             "train.training-arguments.per-device-train-batch-size=2 num-server-rounds=2"]
 
 
+@pytest.mark.slow  # trains both baselines end to end
 def test_baselines_process_the_federated_runs_examples_on_the_same_held_out_rows(
         tiny_model_dir, alpaca_sample, tmp_path):
     run_config = _settings(tiny_model_dir, alpaca_sample, tmp_path)
