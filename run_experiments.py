@@ -33,6 +33,7 @@ from flowertune_nlp.io import atomic_write_json, atomic_write_text
 from flowertune_nlp.names import model_slug
 from flowertune_nlp.outputs import current_status, read_status
 from flowertune_nlp.processes import stop_process_tree
+from flowertune_nlp.progress import ProgressWatcher
 from flowertune_nlp.run_config import merge_run_configs
 from flowertune_nlp.sweep_report import markdown, write_results
 from flowertune_nlp.tasks import TASKS, Task, UnknownTask, parse_task_list, stand_in_path
@@ -195,6 +196,18 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def run_watched(command: list[str], log_file: Path, env: dict[str, str], run_dir: Path,
+                run_config: list[str], label: str) -> int:
+    """`run_logged` of a training command, showing its progress (round k/N, losses,
+    communication, time left) from the run folder while it runs."""
+    try:
+        rounds = build_config(merge_run_configs(run_config)).num_server_rounds
+    except ValueError:  # the command itself reports the bad config
+        return run_logged(command, log_file, env)
+    with ProgressWatcher(run_dir, rounds, stream=sys.stdout, prefix=f"{label} "):
+        return run_logged(command, log_file, env)
+
+
 def run_logged(command: list[str], log_file: Path, env: dict[str, str]) -> int:
     """Run `command`, its output appended to `log_file`. If the sweep is stopped meanwhile
     (Ctrl-C, SIGTERM), the command and everything it started (the launcher's SuperLink, Ray)
@@ -245,7 +258,9 @@ def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env
         for item in [*run_configs(args), str(overrides_file)]:
             command += ["--run-config", item]
         start = time.perf_counter()
-        code = run_logged(command, log_file, env)
+        code = run_watched(command, log_file, env, run_dir,
+                           [*run_configs(args), str(overrides_file)],
+                           f"[{model_slug(model)} {task.name}]")
         seconds = time.perf_counter() - start
         if not record_file.is_file():
             errors = [line for line in log_file.read_text().splitlines()
@@ -288,7 +303,8 @@ def train_baseline(model: str, kind: str, args, pair_dir: Path, env) -> dict:
         command += ["--run-config", item]
     log_file = pair_dir / f"{kind}.log"
     start = time.perf_counter()
-    code = run_logged(command, log_file, env)
+    code = run_watched(command, log_file, env, run_dir, [*run_configs(args), str(overrides_file)],
+                       f"[{model_slug(model)} {kind}]")
     if code != 0 or read_status(record_file) != "completed":
         raise RuntimeError(f"{kind} baseline failed (exit {code}); see {log_file}")
     record = json.loads(record_file.read_text())

@@ -254,6 +254,9 @@ class DatasetSettings:
 class RunSettings:
     resume: str = key("run.resume", "",
                       "folder of an earlier run to continue from its last completed round")
+    tensorboard: bool = key("run.tensorboard", False,
+                            "also write each round's metrics as TensorBoard event files in "
+                            "<run folder>/tensorboard/")
     max_empty_rounds: int = key("run.max-empty-rounds", 3,
                                 "stop (resumably) after this many rounds in a row without a "
                                 "usable reply", lambda v: v >= 1, "must be an integer >= 1")

@@ -39,11 +39,22 @@ from flowertune_nlp.processes import (
     stop_process_tree,
     wait_for_flwr_run,
 )
+from flowertune_nlp.progress import ProgressWatcher
 from flowertune_nlp.run_config import merge_run_configs
 from flowertune_nlp.run_state import StateError, open_resumable
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
+
+
+class _PlainStream:
+    """stderr as a non-terminal, so progress prints a line per round between Flower's logs."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 @dataclass
@@ -93,7 +104,10 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), FEDERATION,
                    "--stream", "--run-config", str(merged), "--federation-config",
                    federation_config(num_supernodes, cpus_per_client, gpus)]
-        wait_for_flwr_run(command, env, superlink, sessions)
+        # Flower's own log lines stream to this terminal too: progress prints plain lines.
+        with ProgressWatcher(run_dir, config.num_server_rounds, stream=_PlainStream(),
+                             prefix="progress: "):
+            wait_for_flwr_run(command, env, superlink, sessions)
     finally:
         stop_process_tree(superlink, sessions)
         merged.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.io import (
@@ -114,6 +114,7 @@ class RunOutputs:
     config: AppConfig
     metrics: list[dict] = field(default_factory=list)
     record: dict = field(default_factory=dict)
+    tensorboard: Any = field(default=None, repr=False)  # SummaryWriter, with run.tensorboard
 
     @classmethod
     def create(cls, config: AppConfig) -> RunOutputs:
@@ -176,6 +177,20 @@ class RunOutputs:
     def append_metrics(self, row: dict) -> None:
         self.metrics.append(row)
         self.write_metrics()
+        if self.config.run.tensorboard:
+            self.write_tensorboard(row)
+
+    def write_tensorboard(self, row: dict) -> None:
+        """The round's numeric metrics as TensorBoard scalars (step = round), for users who
+        compare runs there (`tensorboard --logdir <output-dir>`)."""
+        if self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(self.directory / "tensorboard"))
+        for name, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "round":
+                self.tensorboard.add_scalar(name, value, global_step=row["round"])
+        self.tensorboard.flush()
 
     def write_metrics(self) -> None:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics)
@@ -198,6 +213,8 @@ class RunOutputs:
                            **extra)
         if self.metrics:
             self.plot_losses()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.write_record()
 
     def plot_losses(self) -> None:
