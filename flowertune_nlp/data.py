@@ -361,27 +361,66 @@ def partition_report(config: AppConfig) -> dict:
     }
 
 
-def load_node_data(path: str) -> Dataset:
-    """A node's own alpaca rows (`data-path` in its --node-config); ValueError naming the file
-    and the problem when they are missing, unreadable or not alpaca rows."""
+NODE_DATA_KEY = "--node-config data-path"
+NODE_DATA_COLUMNS = ("instruction", "output")
+
+
+class NodeDataError(ValueError):
+    """A node's own data cannot be used. The message names the file and the problem, for the
+    node's operator (its own log); `reason` classifies the problem without any path, for the
+    server, which must not learn the node's file system layout."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _node_rows(path: str, streaming: bool):
+    """The node's rows and the first of them, or NodeDataError. Streaming reads only as far
+    as the first row (of the first file of a folder) and builds no Arrow cache."""
     from datasets import load_dataset
 
-    key = "--node-config data-path"
     if not Path(path).expanduser().exists():
-        raise ValueError(f"{key} = {path!r} does not exist on this node")
-    local = local_data_files(path, key)
+        raise NodeDataError("data file missing", f"{NODE_DATA_KEY} = {path!r} does not exist "
+                            "on this node")
+    try:
+        local = local_data_files(path, NODE_DATA_KEY)
+    except ValueError as err:
+        raise NodeDataError("data path holds no single-format .json, .jsonl or .parquet data",
+                            str(err)) from None
     assert local is not None  # the path exists
     builder, files = local
+    if all(Path(file).stat().st_size == 0 for file in files):
+        raise NodeDataError("data file has no rows", f"{NODE_DATA_KEY} = {path!r}: empty")
     try:
-        rows = load_dataset(builder, data_files=files, split="train")
+        rows = load_dataset(builder, data_files=files, split="train", streaming=streaming)
+        first = next(iter(rows), None)
     except Exception as err:  # datasets raises many types for unreadable files
-        raise ValueError(f"{key} = {path!r} cannot be read as {builder}: "
-                         f"{type(err).__name__}: {err}") from None
-    missing = sorted({"instruction", "output"} - set(rows.column_names))
+        raise NodeDataError(f"data file unreadable as {builder}",
+                            f"{NODE_DATA_KEY} = {path!r} cannot be read as {builder}: "
+                            f"{type(err).__name__}: {err}") from None
+    if first is None:
+        raise NodeDataError("data file has no rows", f"{NODE_DATA_KEY} = {path!r} has no rows")
+    missing = [column for column in NODE_DATA_COLUMNS if column not in first]
     if missing:
-        raise ValueError(f"{key} = {path!r}: the rows have no {', '.join(missing)} column; "
-                         "expected alpaca rows with instruction, input (optional) and output")
+        names = ", ".join(f"`{column}`" for column in missing)
+        raise NodeDataError(f"no {names} column",
+                            f"{NODE_DATA_KEY} = {path!r}: the rows have no {', '.join(missing)} "
+                            "column; expected alpaca rows with instruction, input (optional) and "
+                            "output")
     return rows
+
+
+def check_node_data(path: str) -> None:
+    """The query step's check of a node's own data, cheap enough for any size: the file opens,
+    it has a first row, and that row has the alpaca columns. NodeDataError otherwise."""
+    _node_rows(path, streaming=True)
+
+
+def load_node_data(path: str) -> Dataset:
+    """A node's own alpaca rows (`data-path` in its --node-config); NodeDataError when they are
+    missing, unreadable or not alpaca rows."""
+    return _node_rows(path, streaming=False)
 
 
 def format_prompt(instruction: str, context: str | None, keep_input: bool) -> str:

@@ -32,3 +32,7 @@ EVAL_TOKENS = "eval-tokens"
 # Keys of the INFO record.
 PRECISION = "precision"
 SOURCE = "source"
+
+# How a failure's reason starts when a node's own data cannot be used; the rest classifies the
+# problem without any path (data.NodeDataError.reason), since the server logs and records it.
+DATA_FAILURE = "node data unusable"

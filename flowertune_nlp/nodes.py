@@ -19,15 +19,18 @@ nodes by name), and a resumed run trains exactly what the uninterrupted one woul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+
+from flowertune_nlp.messages import DATA_FAILURE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ DATA_PATH_KEY = "data-path"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 WAIT_LOG_SECONDS = 10.0
+# A node whose train replies fail on its own data this many rounds in a row is left out of the
+# run: a file that broke (or was never fully readable) rarely mends itself between rounds, and
+# each round sent to it spends a download and a sampled slot.
+MAX_DATA_FAILURES = 2
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,39 @@ def node_name(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
+class NodeDataUnusable(RuntimeError):
+    """What a node tells the server when its own data cannot be used: DATA_FAILURE and the
+    classified reason, no path (Flower sends the server the text of a ClientApp's exception)."""
+
+
+@contextlib.contextmanager
+def data_errors_without_paths() -> Iterator[None]:
+    """Keep a node's file paths on the node: a NodeDataError's full text, which names the file,
+    goes to this node's log; it leaves as NodeDataUnusable with the classified reason."""
+    from flowertune_nlp.data import NodeDataError  # datasets: on nodes, when they read data
+
+    try:
+        yield
+    except NodeDataError as err:
+        log.error("%s", err)
+        raise NodeDataUnusable(f"{DATA_FAILURE}: {err.reason}") from None
+
+
 def describe_node(context: Context) -> RecordDict:
-    """A ClientApp's answer to the server's query: its name and the data it serves."""
+    """A ClientApp's answer to the server's query: its name and the data it serves. A node with
+    its own data checks it first (cheaply: it opens, has rows, the first has the columns), so
+    the server leaves a node with a broken path out before round 1."""
+    from flowertune_nlp.data import check_node_data
+
     config = context.node_config
     info: dict = {NAME_KEY: node_name(context)}
     if DATA_PATH_KEY in config:
         info[DATA_PATH_KEY] = True  # the path itself stays on the node
+        try:
+            with data_errors_without_paths():
+                check_node_data(str(config[DATA_PATH_KEY]))
+        except NodeDataUnusable as err:
+            info["error"] = f"node {info[NAME_KEY]}: {err}"
     elif PARTITION_ID_KEY in config and NUM_PARTITIONS_KEY in config:
         info[PARTITION_ID_KEY] = int(config[PARTITION_ID_KEY])
         info[NUM_PARTITIONS_KEY] = int(config[NUM_PARTITIONS_KEY])
@@ -149,6 +183,7 @@ class NodeDirectory:
         self.wait_seconds = wait_seconds
         self.known: dict[int, NodeInfo] = {}
         self.refused: dict[int, str] = {}  # node id -> why it serves nothing usable
+        self.data_failures: dict[int, int] = {}  # node id -> rounds in a row failed on its data
 
     def connected(self, server_round: int) -> list[int]:
         """Connected node ids, after waiting up to `wait_seconds` for `min_nodes` of them.
@@ -213,6 +248,22 @@ class NodeDirectory:
             taken[info.source] = info.name
             self.known[node_id] = info
             log.info("node %s joined: %s", info.name, info.source.label)
+
+    def record_train_reply(self, node: NodeInfo, failure: str | None) -> None:
+        """Count the rounds in a row in which `node` failed on its own data (`failure`: its
+        reply's error reason, None when it trained); leave it out of the run at
+        MAX_DATA_FAILURES. Any other outcome ends the count."""
+        if failure is None or not failure.startswith(DATA_FAILURE):
+            self.data_failures.pop(node.node_id, None)
+            return
+        count = self.data_failures[node.node_id] = self.data_failures.get(node.node_id, 0) + 1
+        if count < MAX_DATA_FAILURES or node.node_id not in self.known:
+            return
+        self.refused[node.node_id] = (f"node {node.name}: {count} rounds in a row failed on its "
+                                      f"data ({failure})")
+        del self.known[node.node_id]
+        log.warning("node %s (node id %d) is left out of this run: %d rounds in a row failed on "
+                    "its data (%s)", node.name, node.node_id, count, failure)
 
     def sources(self) -> list[Source]:
         """Every source a connected node can train this round, in sampling order."""

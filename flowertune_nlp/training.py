@@ -3,12 +3,10 @@ trained with TRL's SFTTrainer for the configured steps at the round's learning r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +89,8 @@ def get_partition(config: AppConfig, source: Source, tokenizer,
                   data_path: str | None = None) -> TokenizedPartition:
     """The tokenised rows of a source: a partition of the shared dataset, or this node's own
     data at `data_path`."""
-    key = (config.dataset, config.train.seq_length, config.train.train_eos, config.seed, source,
-           data_path)
+    key = (config.task, config.dataset, config.train.seq_length, config.train.train_eos,
+           config.seed, source, data_path)
     if key not in _cached_partitions:
         if len(_cached_partitions) >= 4:  # bound memory: a process serves many partitions
             _cached_partitions.pop(next(iter(_cached_partitions)))
@@ -102,7 +100,7 @@ def get_partition(config: AppConfig, source: Source, tokenizer,
             rows = load_partition(config.dataset, source.partition, config.seed)
         _cached_partitions[key] = tokenize_partition(
             rows, tokenizer, config.train.seq_length, config.dataset.keep_input_field,
-            config.dataset.prompt_template, train_eos=config.train.train_eos,
+            config.dataset.prompt_template, train_eos=config.train.train_eos, task=config.task,
         )
     return _cached_partitions[key]
 
@@ -197,6 +195,7 @@ def lean_sft_trainer_class():
         def __init__(self, *args, fused_loss: bool, **kwargs):
             super().__init__(*args, **kwargs)
             self.fused_loss = fused_loss
+            self.proximal: ProximalTerm | None = None  # FedProx's, set by make_trainer
             base = self.model.get_base_model()
             vars(base).pop("forward", None)  # TRL's head, which also computes the metrics
             add_fused_lm_head(base, outputs=("log_probs",))
@@ -204,7 +203,22 @@ def lean_sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.fused_loss:
                 inputs = {**inputs, "fused_lm_head": True, "use_cache": False}
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if self.proximal is None or return_outputs:  # outputs: prediction, no gradient
+                return loss
+            return loss + self.proximal_share(num_items_in_batch) * self.proximal.gradient_only()
+
+        def proximal_share(self, num_items_in_batch) -> float:
+            """The share of FedProx's term one micro-batch's loss carries, so that the
+            accumulated gradient holds mu (w - w_global) exactly once per optimiser step.
+            Trainer.training_step divides a per-micro-batch mean loss by the accumulation
+            steps itself, but not a loss the model already normalised over the whole step by
+            `num_items_in_batch`; this is its own test (transformers 5)."""
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                          ) or self.compute_loss_func is not None
+            return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
 
     return LeanSFTTrainer
 
@@ -240,9 +254,10 @@ def restore_adapter(model, adapter: dict[str, torch.Tensor]) -> None:
 
 
 def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate: float,
-                 seed: int, out: str, token_metrics: bool = False):
-    """The SFTTrainer a client round uses (also what bench/step_efficiency.py times). Its
-    optimizer is built in `train()`, after the adapter has its fp32 tensors back."""
+                 seed: int, out: str, token_metrics: bool = False, proximal_mu: float = 0.0):
+    """The SFTTrainer a client round uses (also what bench/step_efficiency.py times), with
+    FedProx's term around the adapter it starts from when `proximal_mu` > 0. Its optimizer is
+    built in `train()`, after the adapter has its fp32 tensors back."""
     from trl import SFTTrainer
 
     remove_trainer_hooks(client)
@@ -251,34 +266,47 @@ def make_trainer(config: AppConfig, client: ClientModel, examples, learning_rate
               "processing_class": client.tokenizer,
               "args": sft_config(config, client.precision, learning_rate, seed, out)}
     if token_metrics:
+        if proximal_mu:
+            raise ValueError("FedProx's term is part of the lean trainer's loss only")
         trainer = SFTTrainer(**kwargs)
     else:
         trainer = lean_sft_trainer_class()(**kwargs, fused_loss=client.precision.device == "cuda")
     restore_adapter(client.model, adapter)
+    if proximal_mu:
+        trainer.proximal = ProximalTerm.around(client.model, proximal_mu)
     return trainer
 
 
-@contextlib.contextmanager
-def proximal_term(model, mu: float, accumulation_steps: int) -> Iterator[None]:
-    """FedProx: the gradient of mu/2 |w - w_global|^2, mu (w - w_global), added to every
-    trainable parameter's gradient once per optimiser step (a share per accumulated micro-batch),
-    w_global being the adapter the round starts from. Added to the gradients, not to the loss,
-    so the reported train loss stays the task's loss, comparable across rules."""
-    if not mu:
-        yield
-        return
-    hooks = []
-    for param in model.parameters():
-        if param.requires_grad:
-            anchor = param.detach().clone()
-            hooks.append(param.register_hook(
-                lambda grad, param=param, anchor=anchor:
-                grad + (mu / accumulation_steps) * (param.detach() - anchor)))
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
+@dataclass(frozen=True)
+class ProximalTerm:
+    """FedProx's mu/2 |w - w_global|^2 over the trainable parameters, w_global being the
+    adapter the round starts from, added to the loss of every micro-batch (a share each, see
+    `proximal_share`).
+
+    In the loss rather than in a gradient hook: under fp16 the accelerator backpropagates the
+    loss times the GradScaler's scale (2^16 at first) and divides the gradients by that scale
+    before the step, so a hook's unscaled mu (w - w_global) arrived divided by the scale and
+    FedProx trained as FedAvg. A term of the loss is scaled, unscaled and checked for overflow
+    together with the task's gradient by whatever backward the accelerator runs (GradScaler,
+    none, DeepSpeed), with no need to read the scale (a device sync per micro-batch)."""
+
+    mu: float
+    anchors: tuple[tuple[torch.nn.Parameter, torch.Tensor], ...]
+
+    @classmethod
+    def around(cls, model, mu: float) -> ProximalTerm:
+        return cls(mu, tuple((param, param.detach().clone()) for param in model.parameters()
+                             if param.requires_grad))
+
+    def value(self) -> torch.Tensor:
+        return self.mu / 2 * torch.stack(
+            [(param - anchor).pow(2).sum() for param, anchor in self.anchors]).sum()
+
+    def gradient_only(self) -> torch.Tensor:
+        """Zero in value, mu (w - w_global) in gradient: the loss the Trainer reports stays
+        the task's, comparable across rules."""
+        term = self.value()
+        return term - term.detach()
 
 
 def train_round(
@@ -302,9 +330,9 @@ def train_round(
     needed = t.max_steps * t.batch_size * t.gradient_accumulation_steps
     examples = examples_for_round(partition, needed, config.seed, server_round, source.seed_key)
     seed = config.seed + server_round
-    with (tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out,
-          proximal_term(client.model, proximal_mu, t.gradient_accumulation_steps)):
-        output = make_trainer(config, client, examples, learning_rate, seed, out).train()
+    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as out:
+        output = make_trainer(config, client, examples, learning_rate, seed, out,
+                              proximal_mu=proximal_mu).train()
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"training loss is {loss} in round {server_round}")

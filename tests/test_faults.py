@@ -88,6 +88,8 @@ def test_client_error_reason_is_cut_out_of_the_ray_traceback():
     reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>: long traceback\n"
               "Exception ClientAppException occurred. Message: CUDA out of memory'>")
     assert short_reason(reason) == "CUDA out of memory"
+    # a deployment's flwr-clientapp: str(type(ex)) + ":<'" + str(ex) + "'>"
+    assert short_reason("<class 'RuntimeError'>:<'CUDA out of memory'>") == "CUDA out of memory"
     assert short_reason("plain") == "plain"
     assert short_reason("x" * 400).endswith("...")
 
