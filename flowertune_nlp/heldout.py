@@ -20,6 +20,15 @@ import torch
 
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.data import load_validation, masked_labels
+from flowertune_nlp.models import (
+    add_lora,
+    choose_precision,
+    load_base_model,
+    load_tokenizer,
+    release_memory,
+    resolve_model_path,
+    set_lora_state_dict,
+)
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_RESAMPLES = 1000
@@ -118,14 +127,6 @@ class HeldOutEvaluator:
 
     def load(self) -> None:
         """Read the held-out rows and load the base model + LoRA (done by the first call)."""
-        from flowertune_nlp.models import (
-            add_lora,
-            choose_precision,
-            load_base_model,
-            load_tokenizer,
-            resolve_model_path,
-        )
-
         path = resolve_model_path(self.config.model.name)
         precision = choose_precision(self.config.model.precision, self.config.model.quantization)
         self.tokenizer = load_tokenizer(path)
@@ -147,7 +148,6 @@ class HeldOutEvaluator:
 
     def example_losses(self, adapter: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Per held-out row (always in the same order): summed loss and scored tokens."""
-        from flowertune_nlp.training import set_lora_state_dict
 
         if self.model is None:
             self.load()
@@ -157,7 +157,6 @@ class HeldOutEvaluator:
 
     def close(self) -> None:
         """Free the model now (a 4-bit model is a reference cycle)."""
-        from flowertune_nlp.models import release_memory
 
         self.model = None
         release_memory()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.config import LoraSettings
 from flowertune_nlp.names import PACKAGE_PREFIX, is_local_reference, resolve_package_file
 
@@ -309,3 +310,29 @@ def fresh_adapter(model_path: str, settings: LoraSettings, seed: int) -> dict:
     del model
     release_memory()
     return state
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names, as fp32 on CPU (ArrayRecord goes
+    through numpy, which has no bf16)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", torch.float32, copy=True)
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite every LoRA tensor; refuse a state with missing, extra, misshapen or
+    non-finite tensors."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    reason = adapter_mismatch(state, get_peft_model_state_dict(model),
+                              is_finite=lambda t: bool(torch.isfinite(t).all()))
+    if reason:
+        raise ValueError(f"adapter does not fit this model: {reason}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter keys not used by the model: {unexpected[:3]}")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.data import (
     TokenizedPartition,
@@ -29,9 +28,11 @@ from flowertune_nlp.models import (
     choose_precision,
     load_base_model,
     load_tokenizer,
+    lora_state_dict,
     prepare_for_training,
     release_memory,
     resolve_model_path,
+    set_lora_state_dict,
 )
 from flowertune_nlp.nodes import Source
 
@@ -103,32 +104,6 @@ def get_partition(config: AppConfig, source: Source, tokenizer,
             config.dataset.prompt_template, train_eos=config.train.train_eos, task=config.task,
         )
     return _cached_partitions[key]
-
-
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's saved key names, as fp32 on CPU (ArrayRecord goes
-    through numpy, which has no bf16)."""
-    from peft import get_peft_model_state_dict
-
-    return {
-        k: v.detach().to("cpu", torch.float32, copy=True)
-        for k, v in get_peft_model_state_dict(model).items()
-    }
-
-
-def set_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    """Overwrite every LoRA tensor; refuse a state with missing, extra, misshapen or
-    non-finite tensors."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    reason = adapter_mismatch(state, get_peft_model_state_dict(model),
-                              is_finite=lambda t: bool(torch.isfinite(t).all()))
-    if reason:
-        raise ValueError(f"adapter does not fit this model: {reason}")
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter keys not used by the model: {unexpected[:3]}")
 
 
 @dataclass
