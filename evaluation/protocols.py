@@ -39,27 +39,53 @@ class Prediction:
 # ----------------------------------------------------------------------------- flowertune
 
 
+def flowertune_example(question: str, choices: Sequence[str]) -> str:
+    """FlowerTune's `format_example` (general NLP and medical): "?" is appended unless the
+    question ends in "?" or "." (so `…"` becomes `…"?`)."""
+    if not question.endswith(("?", ".")):
+        question += "?"
+    options = "\n".join(f"{chr(65 + i)}. {choice}" for i, choice in enumerate(choices))
+    return f"Question: {question}\n\nOptions:\n{options}"
+
+
+def flowertune_wrap(prompt: str) -> str:
+    """The leaderboard's literal pseudo-ChatML wrapper (not the model's chat template)."""
+    return f"<|im_start|>question\n{prompt}<|im_end|>\n<|im_start|>answer\n"
+
+
 def flowertune_prompt(q: Question) -> str:
-    text = q.question
-    if not text.endswith(("?", ".")):
-        text += "?"
-    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(q.choices))
-    block = f"{FLOWERTUNE_INSTRUCTION}\nQuestion: {text}\n\nOptions:\n{options}\nThe answer is:\n"
-    return f"<|im_start|>question\n{block}<|im_end|>\n<|im_start|>answer\n"
+    example = flowertune_example(q.question, q.choices)
+    return flowertune_wrap(f"{FLOWERTUNE_INSTRUCTION}\n{example}\nThe answer is:\n")
+
+
+def flowertune_answer(output: str, gold: str, boolean: bool = False) -> tuple[str | None, bool]:
+    """FlowerTune's `format_answer` + accuracy (medical and general-NLP utils.py): returns (the
+    parsed answer, one of VALID_OUTPUTS, or None; correct). Lowercased; the line after a "\\n##"
+    marker if any; non-alphanumerics become single spaces; multiple choice keeps the first
+    character ("Answer: C" reads as "a"), boolean repairs yesyes/nono/yesno/noyes and keeps the
+    whole string. An answer outside VALID_OUTPUTS falls back to comparing the whole raw
+    lowercased output with the gold, so "maybe" only counts when the output is exactly that."""
+    output, gold = output.lower(), gold.lower()
+    text = output.split("\n##")[1].split("\n")[0].strip() if "\n##" in output else output
+    text = re.sub(" +", " ", re.sub(r"[^a-zA-Z0-9]", " ", text).strip())
+    if boolean:
+        for doubled, single in (("yesyes", "yes"), ("nono", "no"), ("yesno", "yes"),
+                                ("noyes", "no")):
+            if doubled in text:  # only the first pattern found is repaired
+                text = text.replace(doubled, single)
+                break
+    text = text.encode("ascii", "ignore").decode("ascii")
+    if not boolean:
+        text = text[:1]
+    if text not in VALID_OUTPUTS:
+        return None, output == gold
+    return text, text == gold
 
 
 def parse_flowertune(output: str, gold_letter: str) -> tuple[str | None, bool]:
     """The leaderboard's answer parsing: returns (predicted letter A-D or None, correct)."""
-    output, gold = output.lower(), gold_letter.lower()
-    if "\n##" in output:
-        output = output.split("\n##")[1].split("\n")[0].strip().lower()
-    cleaned = re.sub(" +", " ", re.sub(r"[^a-zA-Z0-9]", " ", output).strip())
-    cleaned = cleaned.encode("ascii", "ignore").decode("ascii")
-    first = cleaned[:1]  # multiple-choice answers are cut to their first character
-    if first not in VALID_OUTPUTS:
-        # The leaderboard compares the whole raw output with the letter: almost always wrong.
-        return None, output == gold
-    return (first.upper() if first in "abcd" else None), first == gold
+    answer, correct = flowertune_answer(output, gold_letter)
+    return (answer.upper() if answer in ("a", "b", "c", "d") else None), correct
 
 
 def _longest_first(lengths: list[int]) -> list[int]:
@@ -206,21 +232,31 @@ def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int
     """Score " A".." D" as continuations of the prompt. When each is a single token (all
     tokenizers we use), one forward pass per prompt scores all four from its next-token
     distribution; otherwise each prompt + continuation runs, right-padded."""
-    device = next(model.parameters()).device
     prompts, continuations = encode_logprob(tokenizer, questions, shots)
-    if all(len(c) == 1 for conts in continuations for c in conts):
-        scores = _score_next_token(model, tokenizer, prompts,
-                                   [[c[0] for c in conts] for conts in continuations],
-                                   batch_size, device, progress)
-    else:
-        scores = _score_continuations(model, tokenizer, prompts, continuations, batch_size,
-                                      device, progress)
+    scores = continuation_scores(model, tokenizer, prompts, continuations, batch_size, progress)
     predictions = []
     for qi, q in enumerate(questions):
         best = int(torch.argmax(scores[qi]))  # the first of equal maxima, as numpy's argmax
         predictions.append(Prediction(q, LETTERS[best], best == q.answer,
                                       loglikelihoods=tuple(scores[qi].tolist())))
     return predictions
+
+
+def continuation_scores(model, tokenizer, prompts: list[list[int]],
+                        continuations: list[list[list[int]]], batch_size: int,
+                        progress: Callable | None = None) -> torch.Tensor:
+    """Log-likelihood of each continuation after its prompt: `continuations[q][c]` are the
+    tokens of choice c of prompt q (every prompt has the same number of choices); returns a
+    [prompts, choices] tensor. When every continuation is one token, one forward pass per prompt
+    scores all its choices from the next-token distribution (the prompt's pass is shared);
+    otherwise each prompt + continuation runs, right-padded."""
+    device = next(model.parameters()).device
+    if all(len(c) == 1 for conts in continuations for c in conts):
+        return _score_next_token(model, tokenizer, prompts,
+                                 [[c[0] for c in conts] for conts in continuations],
+                                 batch_size, device, progress)
+    return _score_continuations(model, tokenizer, prompts, continuations, batch_size, device,
+                                progress)
 
 
 def _score_next_token(model, tokenizer, prompts, letter_ids, batch_size, device, progress):
@@ -246,7 +282,8 @@ def _score_continuations(model, tokenizer, prompts, continuations, batch_size, d
     exactly as in an unbatched pass."""
     sequences = [(qi, c, ids + cont) for qi, ids in enumerate(prompts)
                  for c, cont in enumerate(continuations[qi])]
-    scores = torch.full((len(prompts), len(LETTERS)), float("-inf"))
+    scores = torch.full((len(prompts), len(continuations[0])), float("-inf"))
+    pending = [len(conts) for conts in continuations]  # choices not yet scored, per prompt
     pad = tokenizer.pad_token_id
 
     def run(batch: list[int]) -> None:
@@ -270,8 +307,10 @@ def _score_continuations(model, tokenizer, prompts, continuations, batch_size, d
         for s, values in zip(batch, picked, strict=True):
             qi, choice, _ = sequences[s]
             scores[qi, choice] = values.sum()
+            pending[qi] -= 1
+        # A prompt's choices can fall into different batches: it is done with its last one.
         if progress:
-            progress(len({sequences[s][0] for s in batch}))
+            progress(len({sequences[s][0] for s in batch if pending[sequences[s][0]] == 0}))
 
     _in_batches(_longest_first([len(s[2]) for s in sequences]), batch_size, run)
     return scores

@@ -144,8 +144,9 @@ def parse_task_list(spec: str) -> list[str]:
 
 def stand_in_path(task: Task, data_dir: Path, cache_dir: Path) -> Path:
     """The offline training file of `task` under `data_dir`; a built stand-in (finance) is
-    written once into `cache_dir` (atomically) and reused. FileNotFoundError names the file and
-    the hub id to use online."""
+    built from `data_dir` into `cache_dir` (atomically) on every call, so it never lags behind
+    its sources (it takes a second). FileNotFoundError names the file and the hub id to use
+    online."""
     if task.stand_in.path is not None:
         path = data_dir / task.stand_in.path
         if not path.is_file():
@@ -159,10 +160,9 @@ def stand_in_path(task: Task, data_dir: Path, cache_dir: Path) -> Path:
     from flowertune_nlp.io import atomic_write_text
 
     target = cache_dir / f"{task.name}-stand-in.jsonl"
-    if not target.is_file():
-        module, function = task.stand_in.build.split(":")
-        rows = getattr(importlib.import_module(module), function)(data_dir)
-        atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
+    module, function = task.stand_in.build.split(":")
+    rows = getattr(importlib.import_module(module), function)(data_dir)
+    atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
     return target
 
 

@@ -78,7 +78,7 @@ def test_offline_stand_ins_exist_for_every_task(tmp_path):
         first = json.loads(path.read_text().splitlines()[0]) if path.suffix == ".jsonl" else (
             json.loads(path.read_text())[0])
         assert {"instruction", "output"} <= set(first), task.name
-    assert (tmp_path / "finance-stand-in.jsonl").is_file()  # built once, then reused
+    assert (tmp_path / "finance-stand-in.jsonl").is_file()  # built from the sources
 
 
 def test_a_missing_stand_in_names_the_file_and_the_hub_id(tmp_path):
