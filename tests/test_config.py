@@ -70,8 +70,8 @@ def test_an_unknown_task_names_the_known_ones():
         build_config({"task": "legal"})
 
 
-def test_readme_table_is_derived_from_the_key_definitions():
-    assert markdown_table() in (ROOT / "README.md").read_text()
+def test_documented_key_table_is_derived_from_the_key_definitions():
+    assert markdown_table() in (ROOT / "docs" / "configuration.md").read_text()
     assert all(spec.help for spec in KEYS.values())
 
 
@@ -125,6 +125,25 @@ def test_bad_values_name_key_value_and_allowed(key, value, fragment):
         build_config({key: value})
     message = str(info.value)
     assert key in message and repr(value) in message and fragment in message
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("run-name", "../elsewhere", "must stay inside output-dir"),
+    ("run-name", "a/../../elsewhere", "must stay inside output-dir"),
+    ("run-name", "/home/someone/.ssh", "must stay inside output-dir"),
+    ("output-dir", "../results", "leave the folder you launch from"),
+    ("output-dir", "results/../../x", "leave the folder you launch from"),
+])
+def test_run_folders_escaping_the_output_root_are_refused(key, value, fragment):
+    with pytest.raises(ConfigError, match=f"'{key}' = {value!r} is invalid") as info:
+        build_config({key: value})
+    assert fragment in str(info.value)
+
+
+def test_dot_dot_segments_that_stay_inside_are_accepted():
+    config = build_config({"run-name": "sweep/a/../b", "output-dir": "out/../results"})
+    assert (config.run_name, config.output_dir) == ("sweep/a/../b", "out/../results")
+    assert build_config({"output-dir": "/tmp/a/../b"}).output_dir == "/tmp/a/../b"  # absolute
 
 
 def test_unknown_key_is_rejected_with_known_keys():
