@@ -80,7 +80,7 @@ TASKS: dict[str, Task] = {
         training_row=_alpaca_row, num_partitions=20, fraction_train=0.1,
         suite="evaluation.mmlu", protocol_names={"leaderboard": "flowertune",
                                                  "robust": "logprob"},
-        eval_limits={"cpu-smoke": 10}),
+        eval_limits={"cpu-smoke": 5}),
     "finance": Task(
         name="finance", title="Finance", dataset="flwrlabs/fingpt-sentiment-train",
         stand_in=StandIn(None, "stand-in for fingpt-sentiment-train: the FPB and FiQA rows not "
@@ -103,7 +103,7 @@ TASKS: dict[str, Task] = {
                          "stand-in for code-alpaca-20k: the 2k Code Alpaca release (not a "
                          "subset of the 20k)"),
         training_row=_instruction_plus_input, num_partitions=10, fraction_train=0.2,
-        suite="evaluation.code.suite", eval_limits={"cpu-smoke": 5}),
+        suite="evaluation.code.suite", eval_limits={"cpu-smoke": 2}),
 }
 ALIASES = {"general-nlp": "general_nlp", "generalnlp": "general_nlp"}
 DEFAULT_TASK = "general_nlp"
