@@ -74,16 +74,20 @@ def test_credentials_sans_key_formats_permissions_and_refusal(tmp_path):
     creds = make_credentials(tmp_path / "c", hosts, nodes=2)
 
     ca = x509.load_pem_x509_certificate(creds.ca_certificate.read_bytes())
-    server = x509.load_pem_x509_certificate(creds.server_certificate.read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sorted(sans.get_values_for_type(x509.DNSName)) == ["localhost",
-                                                             "superlink.example.org"]
-    assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == [
-        "10.1.2.3", "127.0.0.1", "::1"]
-    server.verify_directly_issued_by(ca)  # signed by the CA
-    server_key = serialization.load_pem_private_key(creds.server_key.read_bytes(), None)
-    assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
+    # the proxy's certificate names the hosts given; the loopback SuperLink's, 127.0.0.1 and
+    # localhost only
+    for path, key, dns, ips in (
+            (creds.proxy_certificate, creds.proxy_key, ["localhost", "superlink.example.org"],
+             ["10.1.2.3", "127.0.0.1", "::1"]),
+            (creds.server_certificate, creds.server_key, ["localhost"], ["127.0.0.1"])):
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sorted(sans.get_values_for_type(x509.DNSName)) == dns
+        assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == ips
+        cert.verify_directly_issued_by(ca)  # signed by the CA
+        private = serialization.load_pem_private_key(key.read_bytes(), None)
+        assert private.public_key().public_numbers() == cert.public_key().public_numbers()
 
     for number in (1, 2):
         private = serialization.load_ssh_private_key(creds.node_key(number).read_bytes(), None)
@@ -94,8 +98,10 @@ def test_credentials_sans_key_formats_permissions_and_refusal(tmp_path):
         assert private.public_key().public_numbers() == public.public_numbers()
         signature = private.sign(b"hello", ec.ECDSA(hashes.SHA384()))
         public.verify(signature, b"hello", ec.ECDSA(hashes.SHA384()))
-    for secret in (creds.ca_key, creds.server_key, creds.node_key(1), creds.node_key(2)):
+    for secret in (creds.ca_key, creds.server_key, creds.proxy_key, creds.node_key(1),
+                   creds.node_key(2)):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    assert stat.S_IMODE(creds.directory.stat().st_mode) == 0o700
 
     before = creds.ca_certificate.read_bytes()
     with pytest.raises(CredentialsExist, match="--force"):
@@ -168,6 +174,10 @@ def test_up_status_down_three_nodes_cli(fed_dir, tmp_path, monkeypatch):
         assert Path(node["log"]).is_file()
     config = (fed_dir / "flwr-home" / "config.toml").read_text()
     assert f'address = "127.0.0.1:{superlink["port"]}"' in config
+    # the SuperLink's database (live task tokens) and the records: 0600 in a 0700 folder
+    assert stat.S_IMODE(fed_dir.stat().st_mode) == 0o700
+    for secret in ("state.db", "state.db-wal", "federation.json", "registrations.json"):
+        assert stat.S_IMODE((fed_dir / secret).stat().st_mode) == 0o600, secret
     assert f'root-certificates = "{fed_dir / "ca.crt"}"' in config
 
     # the SuperLink's own view: exactly the three registered nodes, all online

@@ -1,4 +1,4 @@
-"""Command line: `python -m flowertune_nlp.federation {credentials,up,status,down}`."""
+"""Command line: `python -m flowertune_nlp.federation {credentials,proxy-config,up,status,down}`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ import signal
 import sys
 from pathlib import Path
 
-from flowertune_nlp.federation.credentials import CredentialsExist, make_credentials
+from flowertune_nlp.federation.credentials import (
+    LOOPBACK_NAMES,
+    CredentialsExist,
+    make_credentials,
+)
 from flowertune_nlp.federation.local import BIN, DEFAULT_NAME, LocalFederation
 from flowertune_nlp.federation.processes import (
     FederationError,
     federation_status,
     stop_federation,
 )
+from flowertune_nlp.federation.proxy import render_site
+from flowertune_nlp.io import atomic_write_text
+from flowertune_nlp.warm_nodes import WARM_KEY
 
 PROTOTYPE_NOTE = ("prototype credentials: the CA key lies next to what it signs; "
                   "in production use your organisation's PKI")
@@ -33,10 +40,27 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     except (CredentialsExist, ValueError) as err:
         _err(str(err))
         return 1
-    print(f"wrote {creds.directory}: ca.crt ca.key server.pem server.key (SANs: "
-          f"{', '.join(hosts)})" + "".join(f" node-{i} node-{i}.pub"
-                                           for i in range(1, args.nodes + 1)))
+    print(f"wrote {creds.directory} (0700): ca.crt ca.key; server.pem server.key (the "
+          f"SuperLink on loopback: {', '.join(LOOPBACK_NAMES)}); proxy.pem proxy.key (the "
+          f"Fleet proxy: {', '.join(hosts)})" + "".join(
+              f" node-{i} node-{i}.pub" for i in range(1, args.nodes + 1)))
     print(PROTOTYPE_NOTE)
+    return 0
+
+
+def cmd_proxy_config(args: argparse.Namespace) -> int:
+    try:
+        text = render_site(args.listen, args.superlink, Path(args.certificate), Path(args.key),
+                           Path(args.ca), superlink_name=args.superlink_name)
+    except ValueError as err:
+        _err(str(err))
+        return 2
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(Path(args.out), text)
+        print(f"wrote {args.out}: TLS on {args.listen}, only POST /v1/fleet/* forwarded to "
+              f"{args.superlink}; check it with `nginx -t`, then `systemctl reload nginx`")
     return 0
 
 
@@ -47,12 +71,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     specs = list(args.node_config) + [
         f"partition-id={i} num-partitions={args.num_partitions}"
         for i in range(len(args.node_config), args.nodes)]
+    if args.cold:
+        specs = [f"{spec} {WARM_KEY}=false" for spec in specs]
     try:
         threads = args.threads_per_node or max(1, (os.cpu_count() or 1) // args.nodes)
         federation = LocalFederation(Path(args.dir), specs, args.name,
                                      jemalloc=not args.no_jemalloc, timeout=args.timeout,
                                      echo=lambda m: print(m, file=sys.stderr),
-                                     threads_per_node=threads)
+                                     threads_per_node=threads, proxy=args.proxy)
         federation.up()
     except (FederationError, CredentialsExist, ValueError) as err:
         _err(str(err))
@@ -63,9 +89,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = shlex.quote(str(federation.flwr_home))
     flwr = shlex.quote(str(BIN / "flwr"))
     names = ", ".join(f"{n.name} (pid {n.pid})" for n in federation.nodes)
+    proxy = (f"; SuperNodes dial the Fleet proxy {federation.proxy_address} (nginx, TLS, Fleet "
+             f"API only, pid {federation.proxy_process.pid})" if federation.proxy_process
+             else "")
     print(f"Federation '{federation.federation_name}' is up: SuperLink "
           f"{federation.superlink_address} (TLS, SuperNode auth, pid {federation.superlink.pid})"
-          f", {len(federation.nodes)} SuperNodes online: {names}.\n"
+          f"{proxy}, {len(federation.nodes)} SuperNodes online: {names}.\n"
           f"Logs: {federation.logs}/\n\n"
           f"Run the app on it (from the repository root):\n"
           f"  FLWR_HOME={home} {flwr} run . {federation.federation_name} --stream "
@@ -101,7 +130,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not record.get("processes"):
         print(f"no federation recorded in {Path(args.dir).resolve()}")
         return 0
-    print(f"federation {record['federation']} at {record.get('address')} "
+    fleet = record.get("fleet_address")
+    via = (f", nodes dial the Fleet proxy {fleet}"
+           if fleet and fleet != record.get("address") else "")
+    print(f"federation {record['federation']} at {record.get('address')}{via} "
           f"(recorded state: {record['state']}); FLWR_HOME={record['flwr_home']}")
     for entry in record["processes"]:
         extra = f" node-id {entry['node_id']}" if entry.get("node_id") else ""
@@ -123,11 +155,30 @@ def main(argv: list[str] | None = None) -> int:
                            "key pairs (prototyping only)")
     creds.add_argument("--out", required=True, help="folder to write them to")
     creds.add_argument("--hosts", default="127.0.0.1,localhost",
-                       help="comma-separated host names/IPs the SuperLink is dialled at (SANs)")
+                       help="comma-separated public host names/IPs the SuperNodes dial: the "
+                       "Fleet proxy's certificate names them (the SuperLink's own certificate "
+                       "always names 127.0.0.1 and localhost)")
     creds.add_argument("--nodes", type=int, default=3, help="node key pairs to make")
     creds.add_argument("--days", type=int, default=365, help="certificate validity")
     creds.add_argument("--force", action="store_true", help="replace existing credentials")
     creds.set_defaults(func=cmd_credentials)
+
+    proxy = sub.add_parser("proxy-config", help="write the nginx site that exposes only the "
+                           "Fleet API of a loopback SuperLink (multi-machine recipe)")
+    proxy.add_argument("--listen", default="0.0.0.0:8000",
+                       help="public address:port the SuperNodes dial (default 0.0.0.0:8000)")
+    proxy.add_argument("--superlink", default="127.0.0.1:8001",
+                       help="the SuperLink's loopback address:port (default 127.0.0.1:8001)")
+    proxy.add_argument("--certificate", required=True,
+                       help="the proxy's certificate (proxy.pem: names the public hosts)")
+    proxy.add_argument("--key", required=True, help="its private key (proxy.key)")
+    proxy.add_argument("--ca", required=True,
+                       help="CA certificate that signed the SuperLink's certificate (ca.crt)")
+    proxy.add_argument("--superlink-name", default="localhost",
+                       help="DNS name the SuperLink's certificate must carry (nginx checks "
+                       "names, not IP addresses; default localhost)")
+    proxy.add_argument("--out", default="-", help="file to write (default: stdout)")
+    proxy.set_defaults(func=cmd_proxy_config)
 
     up = sub.add_parser("up", help="start a SuperLink and N SuperNodes on loopback (TLS, auth)")
     up.add_argument("--dir", required=True, help="credentials, state, logs and the record")
@@ -147,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--name", default=DEFAULT_NAME, help="federation name for `flwr run`")
     up.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the SuperLink and the nodes")
+    up.add_argument("--cold", action="store_true",
+                    help=f"every node runs each message in Flower's fresh process, importing "
+                    f"and loading the model again ({WARM_KEY}=false in its node config); "
+                    "default: warm nodes, whose worker process keeps them between messages")
     up.add_argument("--no-jemalloc", action="store_true",
                     help="do not preload jemalloc into the Flower processes")
+    up.add_argument("--proxy", action="store_true",
+                    help="the multi-machine layout on loopback: SuperNodes reach the SuperLink "
+                    "only through an nginx Fleet proxy on its own port (TLS, Fleet API only; "
+                    "needs `apt-get install nginx`)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything `up` started in --dir")

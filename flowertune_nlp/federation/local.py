@@ -1,9 +1,12 @@
 """A secured Flower 1.42 Deployment Engine federation on loopback, for trying it and for tests.
 
 One SuperLink (TLS, `--enable-supernode-auth`, state in `DIR/state.db`) and N SuperNodes, each
-with its own registered key, Runtime API port, FLWR_HOME and `--node-config`. All ports are
-picked free at start (bind port 0), so two federations, or a federation and a simulation, never
-collide. processes.py records what is started and stops it by PID.
+with its own registered key, Runtime API port, FLWR_HOME and `--node-config`. With `proxy`, the
+multi-machine layout: the nodes dial an nginx Fleet proxy (TLS, Fleet API only, proxy.py) on its
+own port instead of the SuperLink, which only `flwr` and the SuperLink's own processes reach.
+All ports are picked free at start (bind port 0), so two federations, or a federation and a
+simulation, never collide. processes.py records what is started and stops it by PID. DIR is
+0700 and its secrets (keys, state.db, the records) 0600.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -27,14 +31,18 @@ from typing import Any
 import httpx
 import psutil
 import tomli_w
-from cryptography import x509
 
 from flowertune_nlp.federation.credentials import (
+    CA_CERT,
     DEFAULT_HOSTS,
+    LOOPBACK_NAMES,
     Credentials,
     ensure_node_keys,
     make_credentials,
     make_node_key,
+    make_proxy_certificate,
+    secret_folder,
+    subject_alternative_names_of,
 )
 from flowertune_nlp.federation.node_config import format_node_config, parse_node_config
 from flowertune_nlp.federation.processes import (
@@ -50,11 +58,13 @@ from flowertune_nlp.federation.processes import (
     stop_federation,
     strip_ansi,
 )
+from flowertune_nlp.federation.proxy import find_nginx, render_loopback_main, render_site
 from flowertune_nlp.flower_home import flower_environment
-from flowertune_nlp.io import atomic_write_json, atomic_write_text
+from flowertune_nlp.io import PRIVATE_FILE_MODE, atomic_write_json, atomic_write_text, private_dir
 
 DEFAULT_NAME = "local-deployment"
 REGISTRATIONS = "registrations.json"
+DATABASE = "state.db"  # holds live task tokens: 0600, as SQLite's -wal/-shm files that copy it
 BIN = Path(sys.executable).parent
 
 
@@ -115,13 +125,14 @@ class LocalFederation:
 
     `nodes` is a count or one node config per node (a mapping or a `--node-config` string);
     node i (1-based) is named `site-i` unless its config names it. Credentials are made in
-    `directory` when it has none.
+    `directory` when it has none. With `proxy`, the nodes reach the SuperLink only through the
+    Fleet proxy (nginx must be installed).
     """
 
     def __init__(self, directory: Path | str, nodes: int | Sequence[Mapping[str, Any] | str] = 3,
                  name: str = DEFAULT_NAME, *, jemalloc: bool = True, timeout: float = 120.0,
                  grace: float = 10.0, echo: Callable[[str], None] | None = None,
-                 threads_per_node: int | None = None) -> None:
+                 threads_per_node: int | None = None, proxy: bool = False) -> None:
         self.directory = Path(directory).resolve()
         specs = [{} for _ in range(nodes)] if isinstance(nodes, int) else list(nodes)
         self.node_specs = [parse_node_config(s) if isinstance(s, str) else dict(s)
@@ -144,6 +155,9 @@ class LocalFederation:
         self.logs = self.directory / "logs"
         self.superlink_port: int | None = None
         self.superlink: subprocess.Popen | None = None
+        self.proxy = proxy
+        self.proxy_port: int | None = None
+        self.proxy_process: subprocess.Popen | None = None
         self.nodes: list[Node] = []
         self._ports: set[int] = set()
         self._entries: list[dict[str, Any]] = []
@@ -153,7 +167,18 @@ class LocalFederation:
 
     @property
     def superlink_address(self) -> str:
+        """Where `flwr` and the SuperLink's own processes reach it (never the nodes, with a
+        proxy)."""
         return f"{LOOPBACK}:{self.superlink_port}"
+
+    @property
+    def proxy_address(self) -> str | None:
+        return f"{LOOPBACK}:{self.proxy_port}" if self.proxy_port else None
+
+    @property
+    def fleet_address(self) -> str:
+        """What the SuperNodes dial: the Fleet proxy if there is one, else the SuperLink."""
+        return self.proxy_address or self.superlink_address
 
     @property
     def node_pids(self) -> list[int]:
@@ -199,12 +224,14 @@ class LocalFederation:
             raise FederationError(f"a federation from {self.directory} is still running "
                                   f"({len(running)} processes); run `python -m "
                                   f"flowertune_nlp.federation down --dir {self.directory}`")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        secret_folder(self.directory, (RECORD, CA_CERT, DATABASE))
         self.logs.mkdir(exist_ok=True)
         self._entries, self.nodes, self._state = [], [], "starting"
         try:
             self._prepare_credentials()
             self._start_superlink()
+            if self.proxy:
+                self._start_proxy()
             self._write_flower_config()
             for number, spec in enumerate(self.node_specs, start=1):
                 self.add_node(spec, number=number, wait=False)
@@ -222,30 +249,33 @@ class LocalFederation:
     def down(self) -> list[str]:
         """Stop everything (by PID, with process trees); return what could not be stopped."""
         left = stop_federation(self.directory, self.grace)
-        for process in [self.superlink, *(n.process for n in self.nodes)]:
+        for process in [self.superlink, self.proxy_process, *(n.process for n in self.nodes)]:
             if process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)  # reap
-        self.superlink = None
+        self.superlink = self.proxy_process = None
         self._state = "stopped"
         return left
 
     # -- parts -------------------------------------------------------------------------------
 
     def _prepare_credentials(self) -> None:
-        if not self.credentials.tls_complete():
+        creds = self.credentials
+        if not creds.tls_complete():
             self.echo(f"making prototype credentials in {self.directory}")
             make_credentials(self.directory, DEFAULT_HOSTS, nodes=0)
-        cert = x509.load_pem_x509_certificate(self.credentials.server_certificate.read_bytes())
-        try:
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-        except x509.ExtensionNotFound:
-            ips = []
-        if LOOPBACK not in ips:
-            raise FederationError(f"{self.credentials.server_certificate} has no SAN for "
-                                  f"{LOOPBACK}; make credentials with --hosts "
-                                  f"{LOOPBACK},localhost")
+        if self.proxy and not creds.proxy_complete():
+            make_proxy_certificate(creds, DEFAULT_HOSTS)
+        # What dials what here: the SuperExec and `flwr` dial the SuperLink at 127.0.0.1, the
+        # proxy checks its name localhost, and the nodes dial 127.0.0.1 (proxy or SuperLink).
+        needed = {creds.server_certificate: set(LOOPBACK_NAMES if self.proxy else [LOOPBACK])}
+        if self.proxy:
+            needed[creds.proxy_certificate] = {LOOPBACK}
+        for certificate, names in needed.items():
+            if missing := names - subject_alternative_names_of(certificate):
+                raise FederationError(f"{certificate} does not name {', '.join(sorted(missing))}"
+                                      "; make new credentials (python -m "
+                                      "flowertune_nlp.federation credentials --force)")
         ensure_node_keys(self.directory, len(self.node_specs))
 
     def _start(self, role: str, name: str, command: list[str], env: dict[str, str],
@@ -272,59 +302,104 @@ class LocalFederation:
             "federation": self.federation_name, "directory": str(self.directory),
             "state": self._state, "address": (self.superlink_address if self.superlink_port
                                               else None),
+            "fleet_address": self.fleet_address if self.superlink_port else None,
             "flwr_home": str(self.flwr_home),
             "ca_certificate": str(self.credentials.ca_certificate),
             "processes": self._entries, "updated_at": now(),
-        })
+        }, private=True)
 
-    def _superlink_healthy(self) -> bool:
+    def _answers(self, address: str, status: int) -> bool:
+        """Whether `address` answers GET /health over TLS, with a certificate our CA signed and
+        that names 127.0.0.1, with HTTP `status`."""
         context = ssl.create_default_context(cafile=str(self.credentials.ca_certificate))
         try:
-            return httpx.get(f"https://{self.superlink_address}/health", verify=context,
-                             timeout=1.0).is_success
+            return httpx.get(f"https://{address}/health", verify=context,
+                             timeout=1.0).status_code == status
         except httpx.HTTPError:
             return False
+
+    def _superlink_healthy(self) -> bool:
+        return self._answers(self.superlink_address, 200)
 
     def superlink_healthy(self) -> bool:
         """Whether the SuperLink runs and answers its health check over TLS."""
         return (self.superlink is not None and self.superlink.poll() is None
                 and self._superlink_healthy())
 
+    def _start_listener(self, role: str, command_for: Callable[[int], list[str]],
+                        ready: Callable[[str], bool], log: Path, what: str
+                        ) -> tuple[subprocess.Popen, int]:
+        """Start a server on a free loopback port and wait until `ready(address)`; a port
+        taken between the probe and the bind is tried again, any other exit is an error."""
+        limit = min(self.timeout, 90.0)
+        for _attempt in range(3):
+            port = free_port(self._ports)
+            address = f"{LOOPBACK}:{port}"
+            self.echo(f"starting {what} on {address} (log: {log})")
+            process = self._start(role, role, command_for(port), self._env(self.flwr_home),
+                                  log, port=port)
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    break
+                if ready(address):
+                    return process, port
+                time.sleep(0.3)
+            else:
+                raise FederationError(f"{what} did not answer on https://{address} within "
+                                      f"{limit:.0f} s; see {log}\n" + log_tail(log))
+            if "address already in use" not in log_tail(log, 40).lower():
+                raise FederationError(f"{what} exited with code {process.returncode} during "
+                                      f"start-up; see {log}\n" + log_tail(log))
+        raise FederationError(f"{what} found its port taken three times; see {log}")
+
     def _start_superlink(self) -> None:
         creds = self.credentials
-        log = self.logs / "superlink.log"
-        for _attempt in range(3):
-            self.superlink_port = free_port(self._ports)
-            command = [
+        database = self.directory / DATABASE
+        # Flower creates the database with the umask's mode, and SQLite gives its -wal and -shm
+        # files the database's mode: an empty 0600 file (a valid empty SQLite database) first.
+        for path in [database, *(database.with_name(DATABASE + s) for s in ("-wal", "-shm",
+                                                                           "-journal"))]:
+            if path.exists():
+                path.chmod(PRIVATE_FILE_MODE)
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+
+        def command(port: int) -> list[str]:
+            return [
                 str(BIN / "flower-superlink"),
                 "--ssl-ca-certfile", str(creds.ca_certificate),
                 "--ssl-certfile", str(creds.server_certificate),
                 "--ssl-keyfile", str(creds.server_key),
                 "--enable-supernode-auth",
-                "--database", str(self.directory / "state.db"),
+                "--database", str(database),
                 "--disable-runtime-dependency-installation",
-                "--host", LOOPBACK, "--port", str(self.superlink_port),
+                "--host", LOOPBACK, "--port", str(port),
             ]
-            self.echo(f"starting SuperLink on {self.superlink_address} (log: {log})")
-            self.superlink = self._start("superlink", "superlink", command,
-                                         self._env(self.flwr_home), log,
-                                         port=self.superlink_port)
-            deadline = time.monotonic() + min(self.timeout, 90.0)
-            while time.monotonic() < deadline:
-                if self.superlink.poll() is not None:
-                    break
-                if self._superlink_healthy():
-                    return
-                time.sleep(0.3)
-            else:
-                raise FederationError(f"SuperLink did not answer on https://"
-                                      f"{self.superlink_address}/health within "
-                                      f"{min(self.timeout, 90.0):.0f} s; see {log}\n"
-                                      + log_tail(log))
-            if "address already in use" not in log_tail(log, 40).lower():
-                raise FederationError(f"SuperLink exited with code {self.superlink.returncode}"
-                                      f" during start-up; see {log}\n" + log_tail(log))
-        raise FederationError(f"SuperLink found its port taken three times; see {log}")
+
+        self.superlink, self.superlink_port = self._start_listener(
+            "superlink", command, lambda address: self._answers(address, 200),
+            self.logs / "superlink.log", "SuperLink")
+
+    def _start_proxy(self) -> None:
+        """nginx on its own port: TLS with proxy.pem, the Fleet API forwarded to the SuperLink
+        (checked against our CA as `localhost`), everything else refused with 403."""
+        nginx, creds = find_nginx(), self.credentials
+        folder = private_dir(self.directory / "proxy")
+        site, main = folder / "fleet-proxy.conf", folder / "nginx.conf"
+        log = self.logs / "proxy.log"
+        atomic_write_text(main, render_loopback_main(folder, site, log,
+                                                     self.logs / "proxy-access.log"))
+
+        def command(port: int) -> list[str]:
+            atomic_write_text(site, render_site(
+                f"{LOOPBACK}:{port}", self.superlink_address, creds.proxy_certificate,
+                creds.proxy_key, creds.ca_certificate, superlink_name="localhost"))
+            return [nginx, "-e", str(log), "-p", str(folder), "-c", str(main)]
+
+        # Ready: /health answered, over TLS with proxy.pem, with the proxy's own refusal.
+        self.proxy_process, self.proxy_port = self._start_listener(
+            "proxy", command, lambda address: self._answers(address, 403), log,
+            "Fleet proxy (nginx)")
 
     def _write_flower_config(self) -> None:
         """The Flower configuration `flwr` reads from FLWR_HOME: this federation, by name."""
@@ -375,7 +450,7 @@ class LocalFederation:
                                 self.federation_name, "--name", name)
         if reply.get("success"):
             known[fingerprint] = {"node_id": int(reply["node-id"]), "name": name}
-            atomic_write_json(known_path, known)
+            atomic_write_json(known_path, known, private=True)
             return int(reply["node-id"])
         message = str(reply.get("error-message", ""))
         if "already in use" in message:  # registered in state.db by an earlier `up`
@@ -411,7 +486,7 @@ class LocalFederation:
         port = free_port(self._ports)
         home = self.directory / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
-        command = [str(BIN / "flower-supernode"), "--superlink", self.superlink_address]
+        command = [str(BIN / "flower-supernode"), "--superlink", self.fleet_address]
         if insecure:
             command.append("--insecure")
         else:

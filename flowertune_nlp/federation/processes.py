@@ -115,16 +115,19 @@ def stop_federation(directory: Path, grace: float = 10.0) -> list[str]:
     process trees, and any process carrying its marker); return what is still alive (empty
     when all is stopped). Safe to call again.
 
-    SuperNodes go first, while the SuperLink can still take their goodbye: a node that
-    vanishes without one stays "online" in the SuperLink's database for 60 s (2 x 30 s
-    heartbeat), and a SuperLink restarted on that database refuses the node until then.
+    SuperNodes go first, while the SuperLink (and the Fleet proxy in front of it) can still
+    take their goodbye: a node that vanishes without one stays "online" in the SuperLink's
+    database for 60 s (2 x 30 s heartbeat), and a SuperLink restarted on that database refuses
+    the node until then. Then the proxy, then the SuperLink and whatever is left.
     """
     directory = Path(directory).resolve()
     record = read_record(directory)
     entries = record.get("processes", [])
-    nodes = [e for e in entries if e.get("role") != "superlink"]
-    if family := _tree(nodes):
-        terminate_then_kill(list(family.values()), grace)
+    nodes = [e for e in entries if e.get("role") not in ("superlink", "proxy")]
+    proxies = [e for e in entries if e.get("role") == "proxy"]
+    for stage in (nodes, proxies):
+        if family := _tree(stage):
+            terminate_then_kill(list(family.values()), grace)
     for _ in range(3):  # a SuperExec may start a ClientApp while we stop it: look again
         family = _tree(entries)
         family.update({p.pid: p for p in marked_processes(directory)})
@@ -135,7 +138,7 @@ def stop_federation(directory: Path, grace: float = 10.0) -> list[str]:
     left += [p for p in _tree(entries).values() if p.pid not in {q.pid for q in left}]
     if record:
         record.update(state="stopped" if not left else "stop-failed", stopped_at=now())
-        atomic_write_json(directory / RECORD, record)
+        atomic_write_json(directory / RECORD, record, private=True)
     return [describe(p) for p in left]
 
 
