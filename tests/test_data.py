@@ -105,7 +105,8 @@ def test_twenty_iid_partitions_are_disjoint_and_cover_the_data(alpaca_sample):
     rows = json.loads(alpaca_sample.read_text())
     seen = []
     for pid in range(20):
-        part = load_partition(DatasetSettings(name=str(alpaca_sample), num_partitions=20), pid, seed=7)
+        settings = DatasetSettings(name=str(alpaca_sample), num_partitions=20)
+        part = load_partition(settings, pid, seed=7)
         assert 45 <= len(part) <= 55
         seen += [(r["instruction"], r["input"], r["output"]) for r in part]
     assert len(seen) == len(rows)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+# The 1,000-row sample: tests count its partitions and rows (the repo's data/samples holds 300).
 ALPACA_SAMPLE = SHARED_DATA / "alpaca-gpt4" / "alpaca_en_demo.json"
 
 
