@@ -5,8 +5,9 @@
 `cpu-smoke`'s shape on SmolLM2-135M-Instruct: 5 partitions, all 5 trained every round, one of
 them (partition 0) an attacker whose replies look well-formed (`faults.inject`: its update
 scaled, sign-flipped or noised), so screening lets it through. For each rule, a clean run and an
-attacked run: the distance of each final global adapter from the clean FedAvg run's (the L2
-norm over all LoRA tensors), and the server's held-out loss after the last round (on rows no
+attacked run: the distance (the L2 norm over all LoRA tensors) of each final global adapter
+from the clean FedAvg run's and, for an attacked run, from the same rule's clean run (what the
+attacker moved that rule), and the server's held-out loss after the last round (on rows no
 client trains on, `static.dataset.validation-size`).
 """
 
@@ -50,12 +51,17 @@ def main() -> None:
     reference = adapters["fedavg-clean"]
     for name, row in rows.items():
         row["distance_from_clean_fedavg"] = distance(adapters[name], reference)
-    lines = ["| rule | attacked | distance from clean FedAvg | held-out loss [95% CI] |",
-             "|---|---|---|---|"]
+        row["distance_from_same_rule_clean"] = (
+            distance(adapters[name], adapters[f"{row['rule']}-clean"]) if row["attacked"]
+            else None)
+    lines = ["| rule | attacked | distance from clean FedAvg | distance from the same rule "
+             "clean | held-out loss [95% CI] |", "|---|---|---|---|---|"]
     for row in rows.values():
         low, high = row["heldout_ci"]
+        own = row["distance_from_same_rule_clean"]
         lines.append(f"| {row['rule']} | {'yes' if row['attacked'] else 'no'} | "
-                     f"{row['distance_from_clean_fedavg']:.4f} | {row['heldout_loss']:.4f} "
+                     f"{row['distance_from_clean_fedavg']:.4f} | "
+                     f"{'' if own is None else f'{own:.4f}'} | {row['heldout_loss']:.4f} "
                      f"[{low:.4f}, {high:.4f}] |")
     report("\n".join(lines), {"benchmark": "robust_aggregation", "attack": args.attack,
                               "rounds": args.rounds, "clients_per_round": 5,

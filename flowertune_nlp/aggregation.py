@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -63,6 +64,51 @@ class FlexLoRA(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
+class OnUpdates(Strategy):
+    """For rules that compare whole replies (Krum, Multi-Krum, Bulyan): hand them the updates
+    (reply - global) in fp64, then add the global back.
+
+    Flower's `compute_distances` takes squared distances as |x|^2 + |y|^2 - 2 x.y on what it is
+    given; on fp32 LoRA weights the updates are small next to the weights (lora_A starts at
+    Kaiming scale) and the cancellation costs the distances their precision, enough to change
+    which clients are picked (measured on SmolLM2 adapters, see the README). Krum's selection
+    is translation-invariant and Bulyan's median and trimming act per coordinate, so on exact
+    arithmetic nothing else changes."""
+
+    _global: ArrayRecord
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        reference = {k: v.numpy().astype(np.float64) for k, v in self._global.items()}
+        replies = list(replies)
+        for reply in replies:
+            record = reply.content.array_records[self.arrayrecord_key]
+            reply.content[self.arrayrecord_key] = ArrayRecord(
+                {k: Array(v.numpy().astype(np.float64) - reference[k]) for k, v in record.items()})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({k: Array((v.numpy() + reference[k]).astype(
+                self._global[k].numpy().dtype)) for k, v in arrays.items()})
+        return arrays, metrics
+
+
+class KrumOnUpdates(OnUpdates, Krum):
+    """Flower's Krum on fp64 updates."""
+
+
+class MultiKrumOnUpdates(OnUpdates, MultiKrum):
+    """Flower's Multi-Krum on fp64 updates."""
+
+
+class BulyanOnUpdates(OnUpdates, Bulyan):
+    """Flower's Bulyan on fp64 updates."""
+
+
 def build_rule(config: AppConfig, clients_per_round: int, population: int) -> Strategy:
     """Flower's strategy for `strategy.name` with the rule's keys, in the DP wrapper of
     `privacy.mode` (config.py has already refused combinations Flower cannot run)."""
@@ -83,10 +129,11 @@ def build_rule(config: AppConfig, clients_per_round: int, population: int) -> St
                                    server_momentum=s.server_momentum),
         "fedmedian": lambda: FedMedian(**common),
         "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=s.trim_fraction),
-        "krum": lambda: Krum(**common, num_malicious_nodes=s.num_malicious_nodes),
-        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=s.num_malicious_nodes,
-                                       num_nodes_to_select=s.multikrum_select),
-        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=s.num_malicious_nodes),
+        "krum": lambda: KrumOnUpdates(**common, num_malicious_nodes=s.num_malicious_nodes),
+        "multikrum": lambda: MultiKrumOnUpdates(
+            **common, num_malicious_nodes=s.num_malicious_nodes,
+            num_nodes_to_select=s.multikrum_select),
+        "bulyan": lambda: BulyanOnUpdates(**common, num_malicious_nodes=s.num_malicious_nodes),
         "flexlora": lambda: FlexLoRA(**common),
     }
     rule = rules[s.name]()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +413,11 @@ def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"run config key '{key}' = {value!r} is invalid: {allowed}")
 
 
+def _leaves_its_folder(relative: str) -> bool:
+    """Whether a relative path's `..` segments take it out of the folder it is relative to."""
+    return os.path.normpath(relative).split(os.sep)[0] == ".."
+
+
 def validate(config: AppConfig) -> AppConfig:
     """Raise ConfigError on the first invalid value; return the config unchanged otherwise.
     Each key's own check comes with its definition; the checks here involve several keys or
@@ -424,6 +430,13 @@ def validate(config: AppConfig) -> AppConfig:
     _check(math.isfinite(t.learning_rate_min) and 0 <= t.learning_rate_min <= t.learning_rate_max,
            "train.learning-rate-min", t.learning_rate_min,
            f"must be in [0, train.learning-rate-max = {t.learning_rate_max}]")
+    _check(not Path(config.run_name).is_absolute() and not _leaves_its_folder(config.run_name),
+           "run-name", config.run_name, "the run folder must stay inside output-dir: give a "
+           "folder name without a leading '/' or '..' segments that leave output-dir")
+    _check(Path(config.output_dir).expanduser().is_absolute()
+           or not _leaves_its_folder(config.output_dir), "output-dir", config.output_dir,
+           "its '..' segments leave the folder you launch from; give an absolute path to "
+           "write elsewhere")
     if config.run.resume:
         _check(Path(config.run.resume).expanduser().is_dir(), "run.resume", config.run.resume,
                "give the folder of an earlier run (the one holding run.json and state/)")

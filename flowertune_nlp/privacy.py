@@ -6,10 +6,19 @@ Flower's accountant holds when the rule averages plainly (config.py allows fedav
 only), the same number of clients reply every round (the round driver sends exactly that many
 and Flower releases nothing from a round with a failure) and every reply weighs the same (the
 driver gives each accepted reply weight 1 when privacy is on).
+
+The noise those wrappers add is drawn from a generator keyed by a 256-bit secret of the run and
+the round (`round_noise`): nobody without the secret can regenerate it from published
+checkpoints, and a resumed run, which reads the secret from its private state, draws the same.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -72,6 +81,40 @@ def would_exceed_budget(accountant, config: AppConfig, clients_per_round: int) -
                                  sample_size=clients_per_round,
                                  population_size=config.dataset.num_partitions)
     return accountant.would_exceed(event, max_epsilon=p.max_epsilon)
+
+
+NOISE_SECRET_BITS = 256
+
+
+def new_noise_secret() -> str:
+    """A fresh secret behind a run's DP noise (hex), from the OS's cryptographic source."""
+    return secrets.token_hex(NOISE_SECRET_BITS // 8)
+
+
+def noise_seed(secret: str, server_round: int) -> np.random.SeedSequence:
+    """The seed of a round's noise: every bit of the secret and the round number, in a
+    SeedSequence whose pool is as wide as the secret, so the noise is not a function of any
+    value narrower than the secret (a 32-bit seed can be searched in hours)."""
+    return np.random.SeedSequence(int(secret, 16), spawn_key=(server_round,),
+                                  pool_size=NOISE_SECRET_BITS // 32)
+
+
+@contextmanager
+def round_noise(secret: str, server_round: int) -> Iterator[None]:
+    """Key NumPy's global generator by (secret, round) while the rule aggregates, then put it
+    back as it was.
+
+    Flower's DP wrappers draw the Gaussian noise (and adaptive clipping its noisy count) from
+    NumPy's global generator (`np.random.normal`) and take no generator of their own, so the
+    wrappers stay as Flower ships them and their generator's state is set here instead. It is
+    restored afterwards so that nothing drawn later from the global generator continues the
+    noise's stream (MT19937's state can be recovered from its outputs and run backwards)."""
+    saved = np.random.get_state()
+    np.random.set_state(np.random.MT19937(noise_seed(secret, server_round)).state)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 def uses_equal_weights(config: AppConfig) -> bool:

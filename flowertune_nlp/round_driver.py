@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,12 +34,18 @@ from flowertune_nlp.nodes import (
     sample_sources,
 )
 from flowertune_nlp.outputs import RunOutputs
-from flowertune_nlp.privacy import uses_equal_weights, would_exceed_budget
+from flowertune_nlp.privacy import (
+    new_noise_secret,
+    round_noise,
+    uses_equal_weights,
+    would_exceed_budget,
+)
 from flowertune_nlp.run_state import RoundState, save_round_state
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT = 120.0  # a deployment node answers a query in about 5 s (a fresh process)
-NOISE_SEED = "noise_seed"  # in the saved rule values: the secret behind the DP noise
+NOISE_SECRET = "noise_secret"  # in the saved rule values: the secret behind the DP noise
+LEGACY_NOISE_SEED = "noise_seed"  # what states saved before it were given: a 63-bit secret
 
 
 class RoundSaveError(RuntimeError):
@@ -65,9 +70,15 @@ def screen_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
 
 
 def short_reason(reason: str, limit: int = 300) -> str:
-    """The client's own error message out of the Ray traceback Flower wraps it in."""
+    """The client's own error message out of what Flower wraps it in: a Ray traceback
+    (simulation) or "<class 'T'>:<'message'>" (a deployment's flwr-clientapp)."""
     marker = "Message: "
-    text = reason[reason.rindex(marker) + len(marker):] if marker in reason else reason
+    if marker in reason:
+        text = reason[reason.rindex(marker) + len(marker):]
+    elif reason.startswith("<class '") and "'>:<'" in reason:
+        text = reason.split("'>:<'", 1)[1]
+    else:
+        text = reason
     text = text.strip().rstrip("'>").strip()
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -114,7 +125,10 @@ class RoundDriver(Strategy):
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
         values = dict(resumed.rule_values) if resumed else {}
-        self.noise_seed = int(values.pop(NOISE_SEED, None) or secrets.randbits(63))
+        if values.pop(LEGACY_NOISE_SEED, None) is not None:
+            log.warning("the saved state's DP noise secret is from an older version (seeded "
+                        "through 32 bits); the rounds from now on draw noise from a new secret")
+        self.noise_secret: str = values.pop(NOISE_SECRET, None) or new_noise_secret()
         if resumed:
             load_rule_state(rule, resumed.rule_arrays, values)
         self.global_arrays: ArrayRecord | None = None  # fp32, what the server keeps
@@ -225,6 +239,9 @@ class RoundDriver(Strategy):
                           key=lambda pair: pair[0].source.sort_key)
         failures = [f"{a.source.label}: {short_reason(m.error.reason)}"
                     for a, m in answered if m.has_error()]
+        for assignment, message in answered:  # a node failing on its data is left out
+            self.nodes.record_train_reply(assignment.node, short_reason(message.error.reason)
+                                          if message.has_error() else None)
         answered_ids = {m.metadata.reply_to_message_id for _, m in answered}
         failures += [f"{a.source.label}: no reply from node {a.node.name}"
                      for sent, a in self._sent if sent.metadata.message_id not in answered_ids]
@@ -246,16 +263,15 @@ class RoundDriver(Strategy):
             else:
                 rejections.append(f"{assignment.source.label}: {reason}")
                 log.warning("round %d: rejected an update (%s)", server_round, rejections[-1])
-        if self.config.privacy.mode != "off":
-            # Flower's DP wrappers draw their noise from NumPy's global generator. Seeded from a
-            # secret drawn at the start of the run (kept in state/ only, never in run.json or
-            # the config), the noise cannot be regenerated from anything published, and a
-            # resumed run draws the same noise as the uninterrupted one.
-            np.random.seed((self.noise_seed + server_round) % 2**32)
         client_metrics = [m.content.metric_records[wire.METRICS] for _, m in accepted]
         if accepted or not self.config.privacy.mode.endswith("adaptive"):
-            arrays, metrics = self.rule.aggregate_train(server_round,
-                                                        [m for _, m in accepted])
+            # The DP noise comes from a secret drawn at the start of the run (kept in the
+            # private state/ only, never in run.json or the config) and the round: it cannot be
+            # regenerated from anything published, and a resumed run draws the same.
+            with (round_noise(self.noise_secret, server_round)
+                  if self.config.privacy.mode != "off" else contextlib.nullcontext()):
+                arrays, metrics = self.rule.aggregate_train(server_round,
+                                                            [m for _, m in accepted])
         else:  # Flower's adaptive wrappers divide by the number of replies
             arrays, metrics = None, None
         if arrays is None:
@@ -359,12 +375,12 @@ class RoundDriver(Strategy):
             with faults.simulated_disk_full() if disk_full else contextlib.nullcontext():
                 state = arrays.to_torch_state_dict()
                 if server_round % self.config.train.save_every_round == 0 or last:
-                    path = self.outputs.save_checkpoint(server_round, state)
+                    path = self.outputs.save_checkpoint(server_round, state, row)
                     log.info("round %d: saved global adapter to %s", server_round, path)
                 self._log_round(row)
                 rule_arrays, rule_values = rule_state(self.rule)
                 if self.config.privacy.mode != "off":
-                    rule_values[NOISE_SEED] = self.noise_seed
+                    rule_values[NOISE_SECRET] = self.noise_secret
                 save_round_state(self.outputs.directory, RoundState(
                     server_round, state, self.config.to_dict(), self.ledger,
                     self.outputs.metrics, self.empty_rounds, rule_arrays, rule_values))

@@ -4,9 +4,11 @@
 arrays (`rule_state.safetensors`: optimiser moments, momentum) and `state.json`: the last
 completed round, the config the run was started with, the communication ledger, the metrics
 rows so far, the count of rounds in a row without a usable reply and the rule's other state
-(adaptive clipping norm, privacy accountant). Client sampling, client data order and the DP
-noise are functions of (seed, round), so the seed in the saved config is the whole random
-state. The folder is replaced atomically, so it always describes one completed round.
+(adaptive clipping norm, privacy accountant, the DP noise secret). Client sampling and client
+data order are functions of (seed, round) and the DP noise of (secret, round), so the seed in
+the saved config and the secret are the whole random state. The folder is replaced atomically,
+so it always describes one completed round, and is private (0700, files 0600): it may hold the
+secret behind the DP noise, which must never be readable by others.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def save_round_state(run_dir: Path, state: RoundState) -> None:
         }
         (staging / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
 
-    atomic_write_dir(state_dir(run_dir), fill)
+    atomic_write_dir(state_dir(run_dir), fill, private=True)
 
 
 def load_round_state(run_dir: Path) -> RoundState:

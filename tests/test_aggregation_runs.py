@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
-from flower_runs import flower_processes, tiny_run_config
+from flower_runs import flower_processes, tiny_run_config, tiny_settings
 from safetensors.torch import load_file
 
+from flowertune_nlp.config import build_config
 from flowertune_nlp.launch import run_app
+from flowertune_nlp.models import fresh_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +71,11 @@ def test_client_side_dp_clips_on_the_clients_and_the_budget_stops_the_run(tiny_m
                                                                           alpaca_sample,
                                                                           tmp_path):
     # Noise 1.0 on 2 clients: round 1 spends epsilon 4.73, round 2 would reach 7.08 > 6.
+    # The clipping norm is far below the clients' updates (~3e-3 measured), so that what they
+    # send shows in the global update: see below.
+    clipping = 1e-6
     outcome = launch(tiny_model_dir, alpaca_sample, tmp_path, "dp",
-                     'privacy.mode="client-fixed" privacy.clipping-norm=0.5 '
+                     f'privacy.mode="client-fixed" privacy.clipping-norm={clipping} '
                      "privacy.noise-multiplier=1.0 privacy.max-epsilon=6", rounds=3,
                      fraction=0.67)
     assert (outcome.exit_code, outcome.status) == (1, "stopped")
@@ -81,4 +86,14 @@ def test_client_side_dp_clips_on_the_clients_and_the_budget_stops_the_run(tiny_m
     record = json.loads((tmp_path / "dp" / "run.json").read_text())
     assert record["privacy_epsilon"] == rows[0]["privacy_epsilon"]
     assert all(torch.isfinite(t).all() for t in final_adapter(tmp_path / "dp", 1).values())
+    # Round 1's global update is the mean of the 2 clipped updates (norm <= clipping) plus
+    # Flower's noise of std noise-multiplier x clipping / 2 in each of d coordinates: its norm
+    # is that noise's, sqrt(d) x clipping / 2 (within 5 %; the chi distribution's spread is
+    # 0.8 %). Updates sent unclipped (~3e-3) would make it ~70 times larger.
+    config = build_config(tiny_settings(tiny_model_dir, alpaca_sample, tmp_path, "dp"))
+    initial = fresh_adapter(str(tiny_model_dir), config.model.lora, config.seed)
+    update = torch.cat([(final_adapter(tmp_path / "dp", 1)[k] - v).ravel()
+                        for k, v in initial.items()])
+    noise_norm = update.numel() ** 0.5 * 1.0 * clipping / 2
+    assert float(update.norm()) == pytest.approx(noise_norm, rel=0.05)
     assert flower_processes() == []

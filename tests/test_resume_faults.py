@@ -3,7 +3,9 @@ SIGKILL, failing and poisoned clients, rounds with no usable reply, a full disk 
 
 import json
 import os
+import shutil
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.slow
 # 3 partitions, 2 of them sampled per round, 2 clients training at once on 2 cores
 FEDERATION = "static.dataset.num-partitions=3 strategy.fraction-train=0.67"
 STATEFUL_RULE = 'strategy.name="fedadam" strategy.eta=0.01'
+DP = 'privacy.mode="server-fixed" privacy.noise-multiplier=1.0'
 
 
 def launch(model, data, out, name, rounds, extra=""):
@@ -43,12 +46,16 @@ def saved_round(run_dir: Path) -> int | None:
         return None
 
 
-def kill_server_app_after(run_dir: Path, server_round: int, timeout: float = 300) -> int:
-    """SIGKILL the process running the ServerApp once `server_round` is saved."""
+def wait_for_round(run_dir: Path, server_round: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while (saved_round(run_dir) or 0) < server_round:
         assert time.monotonic() < deadline, f"round {server_round} was never saved"
         time.sleep(0.05)
+
+
+def kill_server_app_after(run_dir: Path, server_round: int, timeout: float = 300) -> int:
+    """SIGKILL the process running the ServerApp once `server_round` is saved."""
+    wait_for_round(run_dir, server_round, timeout)
     for proc in psutil.process_iter(["cmdline"]):
         if "flwr-simulation" in " ".join(proc.info["cmdline"] or []):
             os.kill(proc.pid, signal.SIGKILL)
@@ -93,6 +100,46 @@ def test_killed_run_resumes_exactly(tiny_model_dir, alpaca_sample, tmp_path):
     assert [r["from_round"] for r in record["resumes"]] == [2]
     assert record["resumes"][0]["previous_status"] == "running"
     assert record["resumes"][0]["changed_keys"] == []
+    assert flower_processes() == []
+
+
+def test_a_killed_dp_run_resumes_with_the_noise_of_the_uninterrupted_run(tiny_model_dir,
+                                                                         alpaca_sample,
+                                                                         tmp_path):
+    """The DP noise secret is drawn by the run and kept in its private state only, so the
+    uninterrupted run to compare with is the same run: its folder as round 1 is saved (what a
+    kill at that moment leaves behind) is resumed, killed after round 2, and resumed again."""
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(run=launch(
+        tiny_model_dir, alpaca_sample, tmp_path, "straight", 3, DP)))
+    runner.start()
+    wait_for_round(tmp_path / "straight", 1)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut, symlinks=True)
+    runner.join(timeout=300)
+    assert outcome["run"].status == "completed"
+    assert (saved_round(cut), len(metrics(cut))) == (1, 1)  # the copy caught round 1 only
+
+    runner = threading.Thread(target=lambda: outcome.update(run=launch(
+        tiny_model_dir, alpaca_sample, tmp_path, "ignored", 3,
+        f'{DP} run.resume="{cut}" faults.inject="stall:*:3"')))
+    runner.start()
+    kill_server_app_after(cut, 2)
+    runner.join(timeout=300)
+    assert (outcome["run"].status, saved_round(cut)) == ("interrupted", 2)
+    resumed = launch(tiny_model_dir, alpaca_sample, tmp_path, "ignored", 3,
+                     f'{DP} run.resume="{cut}"')
+    assert (resumed.exit_code, resumed.status) == (0, "completed")
+
+    expected, got = adapter(tmp_path / "straight", 3), adapter(cut, 3)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
+    key = next(iter(got))
+    assert not torch.equal(got[key], adapter(cut, 2)[key])  # round 3 did train
+    rows, straight_rows = metrics(cut), metrics(tmp_path / "straight")
+    assert [r["privacy_epsilon"] for r in rows] == [r["privacy_epsilon"] for r in straight_rows]
+    state = cut / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "state.json").stat().st_mode) == 0o600
     assert flower_processes() == []
 
 
