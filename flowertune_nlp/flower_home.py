@@ -31,12 +31,20 @@ def find_jemalloc() -> str | None:
     return next((path for path in JEMALLOC_PATHS if Path(path).is_file()), None)
 
 
-def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]:
+def flower_environment(flwr_home: Path, jemalloc: bool = True,
+                       ray_address: str | None = None) -> dict[str, str]:
     """The environment every Flower process of a run needs (inherited by ClientApps).
 
     With `jemalloc`, and where it is installed, it is preloaded into every Flower process: it
     cut a run's peak memory by 0.3-0.4 GB RSS / 0.2-0.5 GB PSS here (steps were not faster;
     bench/step_efficiency.py and bench/peak_rss.py measure both).
+
+    `ray_address` (`host:port` of a running Ray cluster's head) makes the simulation join that
+    cluster: Flower 1.42's Ray backend calls `ray.init()` without an address
+    (flwr/server/superlink/fleet/vce/backend/raybackend.py, `init_ray`), and Ray then takes
+    RAY_ADDRESS. Without one, a RAY_ADDRESS already set is kept, and otherwise it is "local": a
+    simulation starts its own Ray instead of silently joining a `ray start` cluster that Ray
+    would find on this machine (/tmp/ray/ray_current_cluster).
     """
     env = dict(os.environ)
     library = find_jemalloc() if jemalloc else None
@@ -51,6 +59,11 @@ def flower_environment(flwr_home: Path, jemalloc: bool = True) -> dict[str, str]
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # else `uv sync` pulls CUDA torch
         RAY_DEDUP_LOGS="0",
+        RAY_ADDRESS=ray_address or os.environ.get("RAY_ADDRESS") or "local",
+        # How often a SuperExec asks for a new task (Flower's default 1 s): a message waits
+        # half of it on average before its process starts (flwr/supercore/superexec/
+        # run_superexec.py); 0.2 s costs a few loopback requests a second.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
     )
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())

@@ -68,10 +68,11 @@ class RunOutcome:
 def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
             num_supernodes: int = 20, cpus_per_client: int = 2,
             gpus_per_client: float | None = None,
-            jemalloc: bool = True) -> RunOutcome:
+            jemalloc: bool = True, ray_address: str | None = None) -> RunOutcome:
     """Validate the config, run it to completion through `flwr run`, stop every process it
     started, and report the run's status from its run.json (`flwr run` exits 0 even when the
-    ServerApp fails)."""
+    ServerApp fails). With `ray_address`, the simulation's clients run on that Ray cluster
+    (flower_home.flower_environment), which is left running."""
     try:
         overrides = merge_run_configs(run_configs)
         config = build_config(overrides)
@@ -97,7 +98,7 @@ def run_app(run_configs: list[str | Mapping[str, Any]], app_dir: Path = APP_DIR,
     write_flower_home(flwr_home)
     merged = flwr_home / f"run-config-{os.getpid()}.toml"
     merged.write_text(tomli_w.dumps(overrides))
-    env = flower_environment(flwr_home, jemalloc)
+    env = flower_environment(flwr_home, jemalloc, ray_address)
     superlink = start_superlink(env, flwr_home, flwr_home / "local-superlink" / "superlink.log")
     sessions: set[int] = set()
     try:
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray GPUs per client, 0 to 1 (default: 1 where this machine has an "
                         "NVIDIA GPU, else 0; 0.5: two clients share a GPU)")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="run the simulation's clients on this running Ray cluster (the "
+                        "head's `ray start --head --port`), which stays up; default: a Ray of "
+                        "its own on this machine, unless RAY_ADDRESS is set")
     parser.add_argument("--no-jemalloc", action="store_true",
                         help="do not preload jemalloc even where it is installed")
     parser.add_argument("--list-keys", action="store_true",
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     outcome = run_app(args.run_config, num_supernodes=args.num_supernodes,
                       cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
-                      jemalloc=not args.no_jemalloc)
+                      jemalloc=not args.no_jemalloc, ray_address=args.ray_address)
     if outcome.error:
         print(f"error: {outcome.error}", file=sys.stderr)
     if outcome.run_dir:

@@ -107,6 +107,44 @@ def test_nodes_with_their_own_data_train_and_a_killed_node_is_a_counted_failure(
     assert [p for p in psutil.process_iter() if _in_federation(p, tmp_path / "federation")] == []
 
 
+def test_nodes_whose_data_does_not_load_are_left_out_and_their_paths_stay_on_them(
+        tiny_model_dir, alpaca_sample, tmp_path, node_files):
+    """clinic-b's path is wrong: its query says so and it is left out before round 1.
+    clinic-c's folder passes the query's check (its first file is sound) but fails every round's
+    full load (its second file is broken): after MAX_DATA_FAILURES (2) rounds it is left out.
+    The server's log and metrics.jsonl get the classified reasons, never a node's path; each
+    node's own log has the full text."""
+    private = tmp_path / "private-layout"
+    broken = private / "clinic-c"
+    broken.mkdir(parents=True)
+    (broken / "a.jsonl").write_text(node_files[1].read_text())
+    (broken / "b.jsonl").write_text('{"instruction": "x", "output": \n')
+    nodes = [{"name": "clinic-a", "data-path": str(node_files[0])},
+             {"name": "clinic-b", "data-path": str(private / "moved.jsonl")},
+             {"name": "clinic-c", "data-path": str(broken)}]
+    settings = tiny_settings(tiny_model_dir, alpaca_sample, tmp_path, "broken-data", **{
+        **PARTITIONS, "strategy.fraction-train": 1.0, "federation.wait-seconds": 5.0})
+    with LocalFederation(tmp_path / "federation", nodes) as fed:
+        run = deployment_run(fed, write_run_config(tmp_path / "run.toml", settings))
+        node_logs = {n.name: n.log_text() for n in fed.nodes}
+        superlink_log = (fed.logs / "superlink.log").read_text(errors="replace")
+    assert run.returncode == 0, run.stdout[-3000:]
+    server_log = run.stdout + run.stderr  # the ServerApp's log, streamed by `flwr run`
+    rows = metrics(tmp_path / "broken-data")
+    reason = "node data unusable: data file unreadable as json"
+    assert [r["sources"] for r in rows] == [["clinic-a", "clinic-c"]] * 2
+    assert [r["failure_reasons"] for r in rows] == [[f"clinic-c: {reason}"]] * 2
+    assert "is not used in this run: node clinic-b: node data unusable: data file missing" \
+        in server_log
+    assert f"node clinic-c (node id {fed.nodes[2].node_id}) is left out of this run: 2 rounds " \
+           f"in a row failed on its data ({reason})" in server_log
+    metrics_text = (tmp_path / "broken-data" / "metrics.jsonl").read_text()
+    for text in (metrics_text, server_log, superlink_log):
+        assert "private-layout" not in text
+    assert str(private / "moved.jsonl") in node_logs["clinic-b"]
+    assert str(broken) in node_logs["clinic-c"]
+
+
 def _in_federation(process: psutil.Process, directory: Path) -> bool:
     try:
         return process.environ().get(MARKER) == str(directory.resolve())

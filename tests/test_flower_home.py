@@ -24,3 +24,14 @@ def test_jemalloc_is_preloaded_where_installed_and_its_absence_is_said(tmp_path,
     assert "LD_PRELOAD" not in env
     assert "apt install libjemalloc2" in capsys.readouterr().err
     assert Path(env["FLWR_HOME"]) == tmp_path / "home"
+
+
+def test_ray_address_joins_a_named_cluster_else_keeps_the_callers_else_starts_its_own(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # "local": never the `ray start` cluster a bare ray.init() would find on this machine
+    assert flower_home.flower_environment(tmp_path, False)["RAY_ADDRESS"] == "local"
+    assert flower_home.flower_environment(tmp_path, False, "10.0.0.1:6379")[
+        "RAY_ADDRESS"] == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert flower_home.flower_environment(tmp_path, False)["RAY_ADDRESS"] == "head:6379"
