@@ -39,6 +39,10 @@ MBPP_TEST = range(11, 511)
 KNOWN_UNSOLVABLE = {
     "multiple-js": {"HumanEval_51_remove_vowels": "its tests hold a raw newline inside a string "
                     "literal (\"abcdef<newline>ghijklm\"): a SyntaxError whatever the completion"},
+    "multiple-cpp": {"HumanEval_137_compare_one": "its tests pass an int where the prompt's "
+                     "signature takes Union_long_float_std_string (candidate(\"1\", 1)); g++ finds "
+                     "the conversion ambiguous (long or float): a compile error whatever the "
+                     "completion"},
 }
 
 # A body that compiles for any signature and fails when the tests call it: MultiPL-E rows have
