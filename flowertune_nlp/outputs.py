@@ -4,6 +4,7 @@ peft_<round>/ adapters."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -13,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flowertune_nlp import messages as wire
+from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger
 from flowertune_nlp.config import AppConfig
 from flowertune_nlp.io import (
     atomic_write_dir,
@@ -23,7 +26,13 @@ from flowertune_nlp.io import (
 from flowertune_nlp.names import model_slug
 
 if TYPE_CHECKING:  # the launcher imports this module and needs no torch
+    from collections.abc import Mapping, Sequence
+
     import torch
+
+    from flowertune_nlp.round_driver import Assignment
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PACKAGES = ("flwr", "flwr-datasets", "torch", "transformers", "peft", "trl", "datasets",
@@ -174,6 +183,19 @@ class RunOutputs:
     def write_record(self) -> None:
         atomic_write_json(self.directory / "run.json", self.record)
 
+    def append_round(self, row: dict) -> None:
+        """A federated round's row (`round_row`), in metrics.jsonl and the log."""
+        self.append_metrics(row)
+        heldout = ("" if "heldout_loss" not in row else
+                   f", held-out loss {row['heldout_loss']:.4f} [{row['heldout_loss_ci_low']:.4f}"
+                   f", {row['heldout_loss_ci_high']:.4f}]")
+        log.info(
+            "round %d: loss %s%s, %d clients (%d failed, %d rejected), comm %.2f MB this round, "
+            "%.2f MB total (%.4f%% of the %.0f MB budget)", row["round"], row["train_loss"],
+            heldout, row["clients"], row["failures"], row["rejected"], row["comm_mb_round"],
+            row["comm_mb_total"], 100 * row["comm_mb_total"] / BUDGET_MB, BUDGET_MB,
+        )
+
     def append_metrics(self, row: dict) -> None:
         self.metrics.append(row)
         self.write_metrics()
@@ -249,3 +271,42 @@ class RunOutputs:
         fig.tight_layout()
         atomic_write_figure(self.directory / "loss.png", fig)
         plt.close(fig)
+
+
+def round_row(server_round: int, strategy: str, sent: Sequence[Assignment],
+              client_metrics: Sequence[Mapping], precisions: list[str], failures: list[str],
+              rejections: list[str], *, kept_previous: bool, ledger: CommLedger,
+              learning_rate: float, privacy: dict) -> dict:
+    """A federated round's metrics row, but for what the end of the round adds (held-out and
+    federated evaluation): who trained what, the accepted replies' metrics, failures and
+    rejections with their reasons, the communication so far and the privacy spent."""
+    examples = [float(m[wire.NUM_EXAMPLES]) for m in client_metrics]
+    return {
+        "round": server_round,
+        "partitions": [a.source.partition for a in sent if a.source.partition is not None],
+        "sources": [a.source.label for a in sent],
+        "nodes": [a.node.name for a in sent],
+        "strategy": strategy,
+        # example-weighted over the accepted replies, whatever the rule combines
+        "train_loss": (sum(n * float(m[wire.TRAIN_LOSS]) for n, m in
+                           zip(examples, client_metrics, strict=True)) / sum(examples)
+                       if client_metrics else None),
+        "clients": len(client_metrics),
+        "failures": len(failures),
+        "failure_reasons": failures,
+        "rejected": len(rejections),
+        "rejection_reasons": rejections,
+        "kept_previous_global": kept_previous,
+        "comm_bytes_round": ledger.round_bytes(server_round),
+        "comm_bytes_total": ledger.total_bytes,
+        "comm_mb_round": ledger.round_bytes(server_round) / MB,
+        "comm_mb_total": ledger.total_bytes / MB,
+        "examples": int(sum(examples)),
+        "examples_dropped": int(sum(m[wire.EXAMPLES_DROPPED] for m in client_metrics)),
+        "client_seconds_max": max((float(m[wire.SECONDS]) for m in client_metrics),
+                                  default=0.0),
+        "client_train_seconds_sum": sum(float(m[wire.TRAIN_SECONDS]) for m in client_metrics),
+        "precision": precisions,
+        "learning_rate": learning_rate,
+        **privacy,
+    }

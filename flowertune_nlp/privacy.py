@@ -14,12 +14,14 @@ checkpoints, and a resumed run, which reads the secret from its private state, d
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp.strategy import (
@@ -32,6 +34,10 @@ from flwr.serverapp.strategy import (
 
 from flowertune_nlp import messages as wire
 from flowertune_nlp.config import AppConfig
+
+log = logging.getLogger(__name__)
+NOISE_SECRET = "noise_secret"  # in the saved rule values: the secret behind the DP noise
+LEGACY_NOISE_SEED = "noise_seed"  # what states saved before it were given: a 63-bit secret
 
 
 def private(rule: Strategy, config: AppConfig, clients_per_round: int, population: int
@@ -65,22 +71,6 @@ def private(rule: Strategy, config: AppConfig, clients_per_round: int, populatio
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
     return wrapper(*args, p.clipping_norm, clients_per_round, accountant=accountant)
-
-
-def would_exceed_budget(accountant, config: AppConfig, clients_per_round: int) -> bool:
-    """Whether one more round's release would take the spent epsilon past
-    `privacy.max-epsilon`. The budget is checked here, not in Flower's PrivacyConfig, so that a
-    run stopped by it can be resumed with a larger budget (Flower's accountant refuses saved
-    state whose config differs)."""
-    from flwr.serverapp import GaussianPrivacyEvent
-
-    p = config.privacy
-    if accountant is None or not p.max_epsilon:
-        return False
-    event = GaussianPrivacyEvent(noise_multiplier=p.noise_multiplier,
-                                 sample_size=clients_per_round,
-                                 population_size=config.dataset.num_partitions)
-    return accountant.would_exceed(event, max_epsilon=p.max_epsilon)
 
 
 NOISE_SECRET_BITS = 256
@@ -117,10 +107,93 @@ def round_noise(secret: str, server_round: int) -> Iterator[None]:
         np.random.set_state(saved)
 
 
-def uses_equal_weights(config: AppConfig) -> bool:
-    """Flower's DP wrappers bound each client's influence by the clipping norm only when every
-    reply weighs the same; with DP on, replies are averaged unweighted."""
-    return config.privacy.mode != "off"
+class PrivacyPolicy:
+    """The server's DP rules of one run, in one place: the same clients every round, the
+    epsilon budget, equal reply weights, the noise secret and its keyed generator, the guard of
+    the adaptive wrappers against empty rounds, and the epsilon spent so far.
+
+    `rule` is the DP-wrapped rule and `accountant` Flower's accountant inside it (None: no
+    noise, or adaptive clipping). `saved_values` are the rule values of a resumed run's state;
+    the secret is taken out of them (the rest is the rule's own)."""
+
+    def __init__(self, config: AppConfig, rule: Strategy, accountant=None,
+                 saved_values: dict | None = None) -> None:
+        self.config = config.privacy
+        self.population = config.dataset.num_partitions
+        self.rule = rule
+        self.accountant = accountant
+        values = saved_values if saved_values is not None else {}
+        if values.pop(LEGACY_NOISE_SEED, None) is not None:
+            log.warning("the saved state's DP noise secret is from an older version (seeded "
+                        "through 32 bits); the rounds from now on draw noise from a new secret")
+        self.secret: str = values.pop(NOISE_SECRET, None) or new_noise_secret()
+
+    @property
+    def on(self) -> bool:
+        return self.config.mode != "off"
+
+    @property
+    def equal_weights(self) -> bool:
+        """Flower's DP wrappers bound each client's influence by the clipping norm only when
+        every reply weighs the same; with DP on, replies are averaged unweighted."""
+        return self.on
+
+    def refusal(self, server_round: int, assigned: int, planned: int) -> str | None:
+        """Why round `server_round` must not start with `assigned` clients, or None: the
+        accountant holds only for the same number of clients every round, and the round's
+        release must stay within `privacy.max-epsilon`. The caller adds how to resume."""
+        if not self.on:
+            return None
+        if assigned != planned:
+            return (f"round {server_round}: privacy.mode = {self.config.mode!r} needs the same "
+                    f"{planned} clients every round (static.dataset.num-partitions x "
+                    f"strategy.fraction-train), but {assigned} were assigned; in a deployment "
+                    "set static.dataset.num-partitions to the number of nodes")
+        if self._would_exceed_budget(assigned):
+            return (f"round {server_round}: its release would take the spent epsilon "
+                    f"({self.spent()['privacy_epsilon']:.4g} at delta "
+                    f"{self.config.target_delta:g}) past privacy.max-epsilon = "
+                    f"{self.config.max_epsilon:g}; the adapter of round {server_round - 1} is "
+                    "the run's result (resume with a larger budget to train on)")
+        return None
+
+    def _would_exceed_budget(self, clients_per_round: int) -> bool:
+        """The budget is checked here, not in Flower's PrivacyConfig, so that a run stopped by
+        it can be resumed with a larger budget (Flower's accountant refuses saved state whose
+        config differs)."""
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        if self.accountant is None or not self.config.max_epsilon:
+            return False
+        event = GaussianPrivacyEvent(noise_multiplier=self.config.noise_multiplier,
+                                     sample_size=clients_per_round,
+                                     population_size=self.population)
+        return self.accountant.would_exceed(event, max_epsilon=self.config.max_epsilon)
+
+    def aggregate(self, server_round: int, replies: Sequence[Message]
+                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The rule's aggregate of `replies`, its DP noise drawn from (secret, round): the
+        secret is drawn at the start of the run and kept in the private state/ only, never in
+        run.json or the config, so the noise cannot be regenerated from anything published,
+        and a resumed run draws the same. No aggregate of an empty round under an adaptive
+        wrapper: Flower's adaptive wrappers divide by the number of replies."""
+        if not replies and self.config.mode.endswith("adaptive"):
+            return None, None
+        with round_noise(self.secret, server_round) if self.on else contextlib.nullcontext():
+            return self.rule.aggregate_train(server_round, list(replies))
+
+    def spent(self) -> dict:
+        """Epsilon and delta spent so far (Flower's accountant), for metrics and run.json."""
+        if not self.on:
+            return {}
+        if self.accountant is None:  # no noise, or adaptive clipping: Flower accounts nothing
+            return {"privacy_epsilon": None, "privacy_delta": None}
+        spent = self.accountant.get_privacy_spent()
+        return {"privacy_epsilon": spent.epsilon, "privacy_delta": spent.delta}
+
+    def state_values(self) -> dict:
+        """What the run's private state keeps of the policy: the secret, when DP is on."""
+        return {NOISE_SECRET: self.secret} if self.on else {}
 
 
 def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -22,7 +22,7 @@ from flowertune_nlp import faults
 from flowertune_nlp import messages as wire
 from flowertune_nlp.adapter_fit import adapter_mismatch
 from flowertune_nlp.aggregation import accountant_of, load_rule_state, rule_state
-from flowertune_nlp.comm import BUDGET_MB, MB, CommLedger, cast_record
+from flowertune_nlp.comm import CommLedger, cast_record
 from flowertune_nlp.config import AppConfig, clients_per_round, planned_clients_per_round
 from flowertune_nlp.heldout import HeldOutScore
 from flowertune_nlp.nodes import (
@@ -33,19 +33,12 @@ from flowertune_nlp.nodes import (
     Source,
     sample_sources,
 )
-from flowertune_nlp.outputs import RunOutputs
-from flowertune_nlp.privacy import (
-    new_noise_secret,
-    round_noise,
-    uses_equal_weights,
-    would_exceed_budget,
-)
+from flowertune_nlp.outputs import RunOutputs, round_row
+from flowertune_nlp.privacy import PrivacyPolicy
 from flowertune_nlp.run_state import RoundState, save_round_state
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT = 120.0  # a deployment node answers a query in about 5 s (a fresh process)
-NOISE_SECRET = "noise_secret"  # in the saved rule values: the secret behind the DP noise
-LEGACY_NOISE_SEED = "noise_seed"  # what states saved before it were given: a 63-bit secret
 
 
 class RoundSaveError(RuntimeError):
@@ -125,10 +118,7 @@ class RoundDriver(Strategy):
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
         values = dict(resumed.rule_values) if resumed else {}
-        if values.pop(LEGACY_NOISE_SEED, None) is not None:
-            log.warning("the saved state's DP noise secret is from an older version (seeded "
-                        "through 32 bits); the rounds from now on draw noise from a new secret")
-        self.noise_secret: str = values.pop(NOISE_SECRET, None) or new_noise_secret()
+        self.privacy = PrivacyPolicy(config, rule, accountant_of(rule), values)
         if resumed:
             load_rule_state(rule, resumed.rule_arrays, values)
         self.global_arrays: ArrayRecord | None = None  # fp32, what the server keeps
@@ -145,16 +135,6 @@ class RoundDriver(Strategy):
 
     def summary(self) -> None:
         self.rule.summary()
-
-    def privacy_spent(self) -> dict:
-        """Epsilon and delta spent so far (Flower's accountant), for metrics and run.json."""
-        if self.config.privacy.mode == "off":
-            return {}
-        accountant = accountant_of(self.rule)
-        if accountant is None:  # no noise, or adaptive clipping: Flower accounts nothing
-            return {"privacy_epsilon": None, "privacy_delta": None}
-        spent = accountant.get_privacy_spent()
-        return {"privacy_epsilon": spent.epsilon, "privacy_delta": spent.delta}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -180,21 +160,9 @@ class RoundDriver(Strategy):
                                                    .fraction_train))
         assignments = [Assignment(s, n) for s, n in self.nodes.assign(sampled)]
         planned = planned_clients_per_round(self.config)
-        if self.config.privacy.mode != "off" and len(assignments) != planned:
-            raise RunStopped(
-                f"round {server_round}: privacy.mode = {self.config.privacy.mode!r} needs the "
-                f"same {planned} clients every round (static.dataset.num-partitions x "
-                f"strategy.fraction-train), but {len(sources)} sources are served, giving "
-                f"{len(assignments)}; in a deployment set static.dataset.num-partitions to "
-                f'the number of nodes, then resume with run.resume="{self.outputs.directory}"')
-        if would_exceed_budget(accountant_of(self.rule), self.config, len(assignments)):
-            spent = self.privacy_spent()["privacy_epsilon"]
-            raise RunStopped(
-                f"round {server_round}: its release would take the spent epsilon "
-                f"({spent:.4g} at delta {self.config.privacy.target_delta:g}) past "
-                f"privacy.max-epsilon = {self.config.privacy.max_epsilon:g}; the adapter of "
-                f"round {server_round - 1} is the run's result (resume with a larger budget "
-                "to train on)")
+        refusal = self.privacy.refusal(server_round, len(assignments), planned)
+        if refusal:
+            raise RunStopped(f'{refusal}; resume with run.resume="{self.outputs.directory}"')
         planned_messages = list(self.rule.configure_train(
             server_round, arrays, ConfigRecord(dict(config)), _RuleGrid(len(assignments))))
         rule_settings = (dict(planned_messages[0].content.config_records[wire.CONFIG])
@@ -250,7 +218,7 @@ class RoundDriver(Strategy):
         self.ledger.record_uploads(server_round, received)
         accepted: list[tuple[Assignment, Message]] = []
         rejections = []
-        equal_weights = uses_equal_weights(self.config)
+        equal_weights = self.privacy.equal_weights
         for (assignment, message), update in zip(succeeded, received, strict=True):
             reason = screen_update(update, self.sent_arrays)
             if reason is None:
@@ -264,16 +232,7 @@ class RoundDriver(Strategy):
                 rejections.append(f"{assignment.source.label}: {reason}")
                 log.warning("round %d: rejected an update (%s)", server_round, rejections[-1])
         client_metrics = [m.content.metric_records[wire.METRICS] for _, m in accepted]
-        if accepted or not self.config.privacy.mode.endswith("adaptive"):
-            # The DP noise comes from a secret drawn at the start of the run (kept in the
-            # private state/ only, never in run.json or the config) and the round: it cannot be
-            # regenerated from anything published, and a resumed run draws the same.
-            with (round_noise(self.noise_secret, server_round)
-                  if self.config.privacy.mode != "off" else contextlib.nullcontext()):
-                arrays, metrics = self.rule.aggregate_train(server_round,
-                                                            [m for _, m in accepted])
-        else:  # Flower's adaptive wrappers divide by the number of replies
-            arrays, metrics = None, None
+        arrays, metrics = self.privacy.aggregate(server_round, [m for _, m in accepted])
         if arrays is None:
             self.empty_rounds += 1
             log.warning("round %d: no usable reply (%d failed, %d rejected); keeping the previous "
@@ -283,8 +242,12 @@ class RoundDriver(Strategy):
             self.empty_rounds = 0
             arrays = cast_record(arrays, "fp32")  # FedOpt's arithmetic may widen to fp64
         self.global_arrays = arrays
-        self._pending_row = self._round_row(server_round, accepted, client_metrics, failures,
-                                            rejections, kept_previous=self.empty_rounds > 0)
+        self._pending_row = round_row(
+            server_round, self.config.strategy.name, [a for _, a in self._sent],
+            client_metrics, sorted({m.content.config_records[wire.INFO][wire.PRECISION]
+                                    for _, m in accepted}),
+            failures, rejections, kept_previous=self.empty_rounds > 0, ledger=self.ledger,
+            learning_rate=self._round_lr, privacy=self.privacy.spent())
         return arrays, metrics
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -377,10 +340,9 @@ class RoundDriver(Strategy):
                 if server_round % self.config.train.save_every_round == 0 or last:
                     path = self.outputs.save_checkpoint(server_round, state, row)
                     log.info("round %d: saved global adapter to %s", server_round, path)
-                self._log_round(row)
+                self.outputs.append_round(row)
                 rule_arrays, rule_values = rule_state(self.rule)
-                if self.config.privacy.mode != "off":
-                    rule_values[NOISE_SECRET] = self.noise_secret
+                rule_values.update(self.privacy.state_values())
                 save_round_state(self.outputs.directory, RoundState(
                     server_round, state, self.config.to_dict(), self.ledger,
                     self.outputs.metrics, self.empty_rounds, rule_arrays, rule_values))
@@ -391,51 +353,3 @@ class RoundDriver(Strategy):
             raise RoundSaveError(f"saving round {server_round} in {self.outputs.directory} "
                                  f"failed ({err}); no complete file was replaced and {kept}"
                                  ) from err
-
-    def _round_row(self, server_round, accepted, client_metrics, failures, rejections,
-                   kept_previous: bool) -> dict:
-        """The round's metrics row, but for what the end of the round adds."""
-        examples = [float(m[wire.NUM_EXAMPLES]) for m in client_metrics]
-        return {
-            "round": server_round,
-            "partitions": [a.source.partition for _, a in self._sent
-                           if a.source.partition is not None],
-            "sources": [a.source.label for _, a in self._sent],
-            "nodes": [a.node.name for _, a in self._sent],
-            "strategy": self.config.strategy.name,
-            # example-weighted over the accepted replies, whatever the rule combines
-            "train_loss": (sum(n * float(m[wire.TRAIN_LOSS]) for n, m in
-                               zip(examples, client_metrics, strict=True)) / sum(examples)
-                           if client_metrics else None),
-            "clients": len(accepted),
-            "failures": len(failures),
-            "failure_reasons": failures,
-            "rejected": len(rejections),
-            "rejection_reasons": rejections,
-            "kept_previous_global": kept_previous,
-            "comm_bytes_round": self.ledger.round_bytes(server_round),
-            "comm_bytes_total": self.ledger.total_bytes,
-            "comm_mb_round": self.ledger.round_bytes(server_round) / MB,
-            "comm_mb_total": self.ledger.total_bytes / MB,
-            "examples": int(sum(examples)),
-            "examples_dropped": int(sum(m[wire.EXAMPLES_DROPPED] for m in client_metrics)),
-            "client_seconds_max": max((float(m[wire.SECONDS]) for m in client_metrics),
-                                      default=0.0),
-            "client_train_seconds_sum": sum(float(m[wire.TRAIN_SECONDS]) for m in client_metrics),
-            "precision": sorted({m.content.config_records[wire.INFO][wire.PRECISION]
-                                 for _, m in accepted}),
-            "learning_rate": self._round_lr,
-            **self.privacy_spent(),
-        }
-
-    def _log_round(self, row: dict) -> None:
-        self.outputs.append_metrics(row)
-        heldout = ("" if "heldout_loss" not in row else
-                   f", held-out loss {row['heldout_loss']:.4f} [{row['heldout_loss_ci_low']:.4f}"
-                   f", {row['heldout_loss_ci_high']:.4f}]")
-        log.info(
-            "round %d: loss %s%s, %d clients (%d failed, %d rejected), comm %.2f MB this round, "
-            "%.2f MB total (%.4f%% of the %.0f MB budget)", row["round"], row["train_loss"],
-            heldout, row["clients"], row["failures"], row["rejected"], row["comm_mb_round"],
-            row["comm_mb_total"], 100 * row["comm_mb_total"] / BUDGET_MB, BUDGET_MB,
-        )

@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
         last = len(outputs.metrics)  # the last completed round: its adapter is the result
         if driver and last and str(last) not in outputs.record["adapters"]:
             outputs.save_checkpoint(last, driver.global_arrays.to_torch_state_dict())
-        outputs.finish("stopped", error=str(err), **driver.privacy_spent() if driver else {})
+        outputs.finish("stopped", error=str(err), **driver.privacy.spent() if driver else {})
         log.info("run stopped: %s (continue with run.resume=\"%s\")", outputs.directory,
                  outputs.directory)
         raise
@@ -98,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         rounds=config.num_server_rounds,
         comm_bytes_total=driver.ledger.total_bytes,
         comm_mb_total=driver.ledger.total_bytes / MB,
-        **driver.privacy_spent(),
+        **driver.privacy.spent(),
     )
     log.info("run completed: %s (final adapter %s)", outputs.directory,
              outputs.record.get("final_adapter"))

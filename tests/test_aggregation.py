@@ -241,6 +241,14 @@ def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
         _round(driver, 2, [_state(rng) for _ in range(3)])
 
 
+def test_dp_refuses_a_round_with_other_than_the_planned_clients(tmp_path):
+    """Flower's accountant holds only for the same number of clients every round."""
+    driver = _driver(tmp_path, **NOISY)
+    assert driver.privacy.refusal(1, 3, 3) is None
+    assert "needs the same 3 clients every round" in driver.privacy.refusal(2, 2, 3)
+    assert _driver(tmp_path / "off").privacy.refusal(2, 2, 3) is None
+
+
 def _train_message(mode: str, arrays: dict, clipping_norm: float | None) -> Message:
     settings = ConfigRecord({wire.PRIVACY_MODE: mode})
     if clipping_norm is not None:
@@ -360,22 +368,22 @@ def test_the_dp_noise_seed_is_secret_and_survives_a_resume(tmp_path):
         for r in (1, 2):
             expected = _round(straight, r, rounds[r - 1])[1][0].to_torch_state_dict()
         stopped = _driver(tmp_path / "stopped", **NOISY, **{"train.save-every-round": 1})
-        assert stopped.noise_secret != straight.noise_secret  # not derived from the config
-        stopped.noise_secret = straight.noise_secret  # the same run, stopped after round 1
+        assert stopped.privacy.secret != straight.privacy.secret  # not derived from the config
+        stopped.privacy.secret = straight.privacy.secret  # the same run, stopped after round 1
         _round(stopped, 1, rounds[0])
     finally:
         os.umask(umask)
     run = stopped.outputs.directory
-    assert len(stopped.noise_secret) == 64 and int(stopped.noise_secret, 16) > 0  # 256 bits
+    assert len(stopped.privacy.secret) == 64 and int(stopped.privacy.secret, 16) > 0  # 256 bits
     published = "".join(p.read_text() for p in (run / "run.json", run / "metrics.jsonl"))
-    assert stopped.noise_secret not in published
+    assert stopped.privacy.secret not in published
     # The secret is in the state only, and only its owner can read the state.
     state = run / "state"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()} == {
         "state.json": 0o600, "global_adapter.safetensors": 0o600,
         "rule_state.safetensors": 0o600}
-    assert stopped.noise_secret in (state / "state.json").read_text()
+    assert stopped.privacy.secret in (state / "state.json").read_text()
     # Outputs meant to be read stay readable.
     for path in (run, run / "peft_1"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
@@ -413,15 +421,15 @@ def test_a_state_saved_with_the_old_32_bit_seeded_secret_resumes_with_a_new_secr
     nodes = NodeDirectory(FakeGrid({21: {"partition-id": 0, "num-partitions": 3}}), True, 3, 1, 5)
     resumed = RoundDriver(config, RunOutputs.create(config), nodes,
                           build_rule(config, 3, population=3), saved)
-    assert resumed.noise_secret not in (driver.noise_secret, "1234567")
-    assert len(resumed.noise_secret) == 64
+    assert resumed.privacy.secret not in (driver.privacy.secret, "1234567")
+    assert len(resumed.privacy.secret) == 64
     assert "from an older version" in caplog.text
 
 
 def _noisy_global(tmp_path, secret: str) -> torch.Tensor:
     """Round 1's global lora_A of a server-fixed DP run with this noise secret."""
     driver = _driver(tmp_path / secret, **NOISY)
-    driver.noise_secret = secret
+    driver.privacy.secret = secret
     rng = np.random.default_rng(9)
     return _round(driver, 1, [_state(rng) for _ in range(3)])[1][0].to_torch_state_dict()[A]
 
@@ -469,7 +477,7 @@ def test_the_round_noise_is_keyed_by_the_whole_secret_not_by_a_32_bit_value(tmp_
 
     # The state is MT19937's from a SeedSequence of all 256 bits of the secret and the round,
     # through a 256-bit pool: no step narrows it to 32 bits.
-    secret = driver.noise_secret
+    secret = driver.privacy.secret
     seed = noise_seed(secret, server_round)
     assert (seed.entropy, seed.spawn_key, seed.pool_size) == (int(secret, 16), (1,), 8)
     assert np.array_equal(key, np.random.MT19937(seed).state["state"]["key"])
