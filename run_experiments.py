@@ -233,8 +233,16 @@ def training_data(args, task: Task, sweep_dir: Path) -> tuple[str | None, str]:
     if args.data_dir:
         path = stand_in_path(task, Path(args.data_dir).expanduser().resolve(),
                              sweep_dir / "stand-ins")
-        return str(path), f"{path.name} ({task.stand_in.note})"
+        return str(path), f"{path.name}, {_row_count(path):,} rows ({task.stand_in.note})"
     return None, task.dataset
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a JSON (list) or JSON Lines training file."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return len(json.loads(text))
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env,

@@ -76,7 +76,7 @@ TASKS: dict[str, Task] = {
     "general_nlp": Task(
         name="general_nlp", title="General NLP", dataset="vicgalle/alpaca-gpt4",
         stand_in=StandIn("alpaca-gpt4/alpaca_en_demo.json",
-                         "a 1,000-row sample of alpaca-gpt4 (the full set is 52,002 rows)"),
+                         "LLaMA-Factory's sample of alpaca-gpt4 (the full set is 52,002 rows)"),
         training_row=_alpaca_row, num_partitions=20, fraction_train=0.1,
         suite="evaluation.mmlu", protocol_names={"leaderboard": "flowertune",
                                                  "robust": "logprob"},
@@ -100,8 +100,8 @@ TASKS: dict[str, Task] = {
     "code": Task(
         name="code", title="Code", dataset="flwrlabs/code-alpaca-20k",
         stand_in=StandIn("code/code-alpaca-2k-fallback/code_alpaca_2k.json",
-                         "stand-in for code-alpaca-20k: the 2k Code Alpaca release (not a "
-                         "subset of the 20k)"),
+                         "stand-in for code-alpaca-20k: rows of the 2k Code Alpaca release "
+                         "(not a subset of the 20k)"),
         training_row=_instruction_plus_input, num_partitions=10, fraction_train=0.2,
         suite="evaluation.code.suite", eval_limits={"cpu-smoke": 2}),
 }
