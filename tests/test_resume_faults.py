@@ -65,39 +65,39 @@ def kill_server_app_after(run_dir: Path, server_round: int, timeout: float = 300
 
 def test_killed_run_resumes_exactly(tiny_model_dir, alpaca_sample, tmp_path):
     """With a stateful rule: FedAdam's moments must survive the kill for the result to match."""
-    reference = launch(tiny_model_dir, alpaca_sample, tmp_path, "reference", 4, STATEFUL_RULE)
+    reference = launch(tiny_model_dir, alpaca_sample, tmp_path, "reference", 3, STATEFUL_RULE)
     assert reference.status == "completed"
 
-    # Clients stall in round 3, so the kill lands after round 2 is saved and before round 3.
+    # Clients stall in round 2, so the kill lands after round 1 is saved and before round 2.
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(run=launch(
-        tiny_model_dir, alpaca_sample, tmp_path, "killed", 4,
-        f'{STATEFUL_RULE} faults.inject="stall:*:3"')))
+        tiny_model_dir, alpaca_sample, tmp_path, "killed", 3,
+        f'{STATEFUL_RULE} faults.inject="stall:*:2"')))
     runner.start()
-    kill_server_app_after(tmp_path / "killed", 2)
+    kill_server_app_after(tmp_path / "killed", 1)
     runner.join(timeout=300)
     killed = outcome["run"]
     assert (killed.exit_code, killed.status) == (1, "interrupted")
     assert 'run.resume="' in killed.error
-    assert saved_round(tmp_path / "killed") == 2
+    assert saved_round(tmp_path / "killed") == 1
     assert flower_processes() == []
 
-    resumed = launch(tiny_model_dir, alpaca_sample, tmp_path, "ignored", 4,
+    resumed = launch(tiny_model_dir, alpaca_sample, tmp_path, "ignored", 3,
                      f'{STATEFUL_RULE} run.resume="{tmp_path / "killed"}"')
     assert (resumed.exit_code, resumed.status) == (0, "completed")
     assert resumed.run_dir == tmp_path / "killed"
     assert not (tmp_path / "ignored").exists()
 
-    expected, got = adapter(tmp_path / "reference", 4), adapter(tmp_path / "killed", 4)
+    expected, got = adapter(tmp_path / "reference", 3), adapter(tmp_path / "killed", 3)
     assert set(expected) == set(got)
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
     ref_rows, rows = metrics(tmp_path / "reference"), metrics(tmp_path / "killed")
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     assert [r["partitions"] for r in rows] == [r["partitions"] for r in ref_rows]
     assert rows[-1]["comm_bytes_total"] == ref_rows[-1]["comm_bytes_total"]
     record = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert record["comm_bytes_total"] == ref_rows[-1]["comm_bytes_total"]
-    assert [r["from_round"] for r in record["resumes"]] == [2]
+    assert [r["from_round"] for r in record["resumes"]] == [1]
     assert record["resumes"][0]["previous_status"] == "running"
     assert record["resumes"][0]["changed_keys"] == []
     assert flower_processes() == []

@@ -13,7 +13,7 @@ robust: greedy pass@1, prompts batched with left padding, MBPP's test_setup_code
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from transformers import set_seed
 
@@ -146,7 +146,8 @@ def summarize_extra(protocol: str, records: Iterable[Record]) -> dict:
 
 
 def check_references(data_dir, names: Sequence[str] | None = None,
-                     workers: int | None = None) -> dict:
+                     workers: int | None = None,
+                     problems: Collection[str] | None = None) -> dict:
     """Run each set's known solutions and deliberately wrong ones through the sandbox.
 
     HumanEval (prompt + canonical_solution) and MBPP (code + test_setup_code) references must
@@ -156,7 +157,8 @@ def check_references(data_dir, names: Sequence[str] | None = None,
     reach the stub and fail. For every set the stub program (Python: the reference with each
     top-level function redefined to raise) must fail, which proves the tests call the solution.
     The status is "ok" when every exception is a known unsolvable problem (listed with why),
-    "not run" when the set's toolchain is missing, else "failed".
+    "not run" when the set's toolchain is missing, else "failed". `problems` (ids) restricts
+    every set to those of its problems.
     """
     report = {}
     for name in names or BENCHMARKS:
@@ -165,7 +167,7 @@ def check_references(data_dir, names: Sequence[str] | None = None,
         if hint:
             report[name] = {"status": "not run", "reason": hint}
             continue
-        items = load_items(name, data_dir)
+        items = [i for i in load_items(name, data_dir) if problems is None or i.qid in problems]
         references = [(i, p) for i in items if (p := bench.reference_program(i)) is not None]
         stubs = [bench.stub_program(i) for i in items]
         limit = TIMEOUTS[language]
@@ -201,5 +203,10 @@ def _stub_failed_as_expected(verdict: Verdict) -> bool:
     return verdict.status == "failed" and bench.STUB_MARKER in verdict.detail
 
 
-def _failure(qid: str, verdict: Verdict) -> dict:
-    return {"id": qid, "verdict": verdict.status, "detail": verdict.detail[-500:]}
+def _failure(qid: str, verdict: Verdict, keep: int = 300) -> dict:
+    """The problem's id, verdict and output: its start (where compilers and parsers name the
+    error) and its end (where tracebacks do)."""
+    detail = verdict.detail
+    if len(detail) > 2 * keep:
+        detail = f"{detail[:keep]} [...] {detail[-keep:]}"
+    return {"id": qid, "verdict": verdict.status, "detail": detail}
