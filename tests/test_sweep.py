@@ -43,6 +43,7 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     good, bad = rows[str(tiny_model_dir)], rows[missing]
     assert good["Status"] == "completed" and bad["Status"] == "failed"
     assert good["Model"] == tiny_model_dir.name  # short names in the table
+    assert good["Training data"].startswith("alpaca_en_demo.json, 1,000 rows (LLaMA-Factory's")
     setups = {r["Setup"]: r for r in table if r["Model source"] == str(tiny_model_dir)}
     assert list(setups) == ["base", "local", "federated", "centralized"]
     local = json.loads((pair_dir / "local" / "run.json").read_text())
