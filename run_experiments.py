@@ -277,7 +277,7 @@ def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env
             raise RuntimeError(f"{reason} (exit {code}); see {log_file}")
     else:
         code = 0
-        say(f"[{model} {task.name}] training already completed; evaluating its adapter")
+        say(f"[{model_slug(model)} {task.name}] training already completed; evaluating its adapter")
     record = json.loads(record_file.read_text())
     status = current_status(record)
     if code != 0 or status != "completed" or not record.get("final_adapter"):
@@ -296,7 +296,7 @@ def train_baseline(model: str, kind: str, args, pair_dir: Path, env) -> dict:
     run_dir = pair_dir / kind
     record_file = run_dir / "run.json"
     if read_status(record_file) == "completed":
-        say(f"[{model}] {kind} baseline already completed in {pair_dir}")
+        say(f"[{model_slug(model)}] {kind} baseline already completed in {pair_dir}")
         record = json.loads(record_file.read_text())
         return {"train_seconds": 0.0, "adapter": record["final_adapter"],
                 "metrics_file": str(run_dir / "metrics.jsonl"), "comm_mb": 0.0}
