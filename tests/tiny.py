@@ -36,7 +36,9 @@ def build_tiny_model(target: Path, hidden: int = 32, layers: int = 2, seed: int 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    rows = json.loads(ALPACA_SAMPLE.read_text())[:300]
+    # data/samples holds the first 300 rows of the 1,000-row sample: the same tokenizer, from the
+    # repository alone.
+    rows = json.loads((REPO_SAMPLES / "alpaca-gpt4" / "alpaca_en_demo.json").read_text())[:300]
     texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in rows]
     texts += ["Answer the following multiple choice question. Options: A. B. C. D."]
     tokenizer = build_tokenizer(texts)
