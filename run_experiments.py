@@ -245,6 +245,16 @@ def _row_count(path: Path) -> int:
     return sum(1 for line in text.splitlines() if line.strip())
 
 
+def _recorded_seconds(record: dict) -> float:
+    """A run's wall time from its run.json, start of the first attempt to the end of the last
+    (what a resumed training took, pauses included)."""
+    from datetime import datetime
+
+    start, end = (datetime.strptime(record[k], "%Y-%m-%dT%H:%M:%S%z")
+                  for k in ("started_at", "finished_at"))
+    return (end - start).total_seconds()
+
+
 def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env,
           resume: bool) -> dict:
     """Train through the launcher; with `resume`, continue the pair's saved run instead."""
@@ -279,6 +289,8 @@ def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env
         code = 0
         say(f"[{model_slug(model)} {task.name}] training already completed; evaluating its adapter")
     record = json.loads(record_file.read_text())
+    if code == 0 and seconds == 0.0:  # an earlier attempt trained: run.json's wall span
+        seconds = _recorded_seconds(record)
     status = current_status(record)
     if code != 0 or status != "completed" or not record.get("final_adapter"):
         hint = (f"; continue with --resume --run-id {pair_dir.parent.parent.name}"
@@ -375,8 +387,12 @@ def run_pair(model: str, args, task: Task, sweep_dir: Path, env) -> dict:
         else:
             say(f"{tag} {'resuming ' if resume else ''}training "
                 f"(log: {pair_dir / 'train.log'})")
+            reused = resume and read_status(pair_dir / "train" / "run.json") == "completed"
             state.update(train(model, args, task, dataset, pair_dir, env, resume))
-            if resume:  # an earlier attempt's training time, where it finished training
+            if reused:  # the attempt that trained recorded its time, else run.json's span
+                state["train_seconds"] = (previous.get("train_seconds")
+                                          or state["train_seconds"])
+            elif resume:  # an earlier attempt's training time, where it finished training
                 state["train_seconds"] += previous.get("train_seconds", 0.0)
         say(f"{tag} evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
         state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))

@@ -95,12 +95,19 @@ def result_rows(state: dict) -> list[dict]:
 HIDDEN_IN_MARKDOWN = ("Error", "Model source", "Training data")
 
 
+def _markdown_cell(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column.endswith(" mean"):  # scores in %, as their sub-scores: 35.00, not 35.0
+        return f"{value:.2f}"
+    return str(value)
+
+
 def markdown(rows: list[dict]) -> str:
     columns = [c for c in rows[0] if c not in HIDDEN_IN_MARKDOWN]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join("-" if row[c] is None else str(row[c])
-                                       for c in columns) + " |")
+        lines.append("| " + " | ".join(_markdown_cell(c, row[c]) for c in columns) + " |")
     notes = ["", "Scores in % (code: pass@1). Leaderboard: the FlowerTune leaderboard's own "
              "protocol, quirks included; Robust: log-likelihood over the answer set (general "
              "NLP, finance, medical) or greedy pass@1 (code). Means are unweighted over the "
