@@ -18,19 +18,18 @@ SHARED_FIXTURES = {"alpaca_sample", "mmlu_dir"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark the tests that read ../shared/data (the fuller offline data beside the repository)
-    `shared_data`, and skip them, saying so, where it is missing (a fresh clone); CI has it and
-    .ci/run refuses to run without it."""
+    """Tests that read ../shared/data (the fuller offline data beside the repository) carry the
+    `shared_data` marker: set on the test where it reads the folder itself, added here where it
+    takes a fixture that does. Where the folder is missing (a fresh clone) they skip, saying so;
+    CI has it and .ci/run refuses to run without it."""
     missing = not SHARED_DATA.is_dir()
     for item in items:
-        module = getattr(item, "module", None)
-        if (SHARED_FIXTURES & set(getattr(item, "fixturenames", ()))
-                or any(hasattr(module, name) for name in ("SHARED_DATA", "ALPACA_SAMPLE"))):
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.shared_data)
-            if missing:
-                item.add_marker(pytest.mark.skip(
-                    reason=f"needs {SHARED_DATA} (the fuller offline data; see "
-                           "data/samples/README.md)"))
+        if missing and item.get_closest_marker("shared_data"):
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {SHARED_DATA} (the fuller offline data; see "
+                       "data/samples/README.md)"))
 
 
 @pytest.fixture(scope="session")

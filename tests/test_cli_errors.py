@@ -59,6 +59,7 @@ def test_bad_evaluation_requests_exit_2_before_loading_a_model(args, message, tm
     assert not output.exists()
 
 
+@pytest.mark.shared_data
 def test_check_references_needs_the_code_task():
     result = run("-m", "evaluation", "--task", "finance", "--check-references",
                  "--data-dir", str(SHARED_DATA))

@@ -2,6 +2,7 @@
 real programs through the sandbox, and a tiny model's completions flowing into records."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def tiny(tiny_model_dir):
 # ----------------------------------------------------------------------------- data, bytes
 
 
+@pytest.mark.shared_data
 def test_offline_sets_have_the_official_counts_and_order():
     for name, benchmark in bench.BENCHMARKS.items():
         items = bench.load_items(name, SHARED_DATA)
@@ -53,6 +55,7 @@ def test_offline_sets_have_the_official_counts_and_order():
         bench.load_items("mbpp", SHARED_DATA / "no-such-folder")
 
 
+@pytest.mark.shared_data
 def test_mbpp_prompt_bytes_for_task_11():
     item = _item("mbpp", "11")
     assert bench.prompt(item) == (
@@ -63,12 +66,14 @@ def test_mbpp_prompt_bytes_for_task_11():
         'assert remove_Occ("abcda","a") == "bcd"\nassert remove_Occ("PHP","P") == "H"')
 
 
+@pytest.mark.shared_data
 def test_mbpp_setup_code_only_in_robust_programs():
     item = _item("mbpp", "367")  # the one test problem with test_setup_code
     assert "root = Node(1)" not in bench.program(item, "")  # the harness drops it
     assert "root = Node(1)" in bench.program(item, "", setup=True)
 
 
+@pytest.mark.shared_data
 def test_humaneval_program_is_the_harness_assembly():
     item = _item("humaneval", "HumanEval/0")
     completion = "\n    return False\n"
@@ -80,6 +85,7 @@ def test_humaneval_program_is_the_harness_assembly():
         raw_prompt.strip() + completion + "\n\n" + test + "\ncheck(has_close_elements)")
 
 
+@pytest.mark.shared_data
 def test_multiple_cpp_completion_is_cut_before_the_closing_brace():
     item = _item("multiple-cpp", "HumanEval_23_strlen")
     assert bench.stop_words(item) == ["\n}", "<file_sep>"]
@@ -137,6 +143,7 @@ def test_stop_criterion_waits_for_all_rows_only_when_told(tiny):
 # ----------------------------------------------------------------------------- sandbox
 
 
+@pytest.mark.shared_data
 def test_known_solutions_pass_and_wrong_ones_fail():
     for language in ("python", "js", "cpp"):
         _needs(language)
@@ -161,6 +168,7 @@ def test_known_solutions_pass_and_wrong_ones_fail():
     assert all(v.status == "failed" for v, ok in zip(verdicts, expected, strict=True) if not ok)
 
 
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_every_humaneval_and_mbpp_reference_passes_and_every_stub_fails():
     report = check_references(SHARED_DATA, ["humaneval", "mbpp"])
@@ -172,6 +180,20 @@ def test_every_humaneval_and_mbpp_reference_passes_and_every_stub_fails():
         assert report[name]["status"] == "ok"
 
 
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_the_check_references_command_exits_0_only_when_every_set_is_ok(monkeypatch, capsys):
+    from evaluation.__main__ import main
+
+    command = ["--task", "code", "--check-references", "--data-dir", str(SHARED_DATA),
+               "--benchmarks", "humaneval"]
+    assert main(command) == 0
+    assert json.loads(capsys.readouterr().out)["humaneval"]["status"] == "ok"
+    monkeypatch.setitem(bench.KNOWN_UNSOLVABLE, "multiple-js", {})  # its broken problem: a failure
+    assert main([*command[:-1], "multiple-js"]) == 1
+
+
+@pytest.mark.shared_data
 @pytest.mark.slow
 def test_multiple_programs_are_well_formed():
     """No MultiPL-E references exist: every prompt + throwing body + tests must compile or
@@ -202,6 +224,7 @@ def test_multiple_programs_are_well_formed():
 # ----------------------------------------------------------------------------- model
 
 
+@pytest.mark.shared_data
 def test_tiny_model_completions_flow_to_records(tiny):
     model, tokenizer = tiny
     items = [_item("humaneval", "HumanEval/129")]  # the longest prompt: the shortest budget
@@ -223,6 +246,7 @@ def test_tiny_model_completions_flow_to_records(tiny):
     assert outputs["leaderboard"][0] == outputs["leaderboard"][1]  # seeded per benchmark
 
 
+@pytest.mark.shared_data
 def test_robust_sampling_reports_pass_at_k_per_problem(tiny):
     model, tokenizer = tiny
     items = [_item("mbpp", "493")]  # the longest prompt: the shortest budget
@@ -235,6 +259,7 @@ def test_robust_sampling_reports_pass_at_k_per_problem(tiny):
     assert summary["samples"] == 3 and summary["pass_at_k"] == record.extra["pass_at_k"]
 
 
+@pytest.mark.shared_data
 def test_greedy_batches_equal_one_prompt_at_a_time(tiny):
     model, tokenizer = tiny
     items = bench.load_items("multiple-js", SHARED_DATA, limit=3)  # prompts of unequal length
@@ -246,6 +271,7 @@ def test_greedy_batches_equal_one_prompt_at_a_time(tiny):
     assert batched == alone  # padding, the shared cache and per-row budgets change nothing
 
 
+@pytest.mark.shared_data
 def test_missing_toolchain_is_not_available_before_generation(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     monkeypatch.setenv("PATH", str(tmp_path))  # no node, no g++ on this PATH

@@ -29,6 +29,7 @@ DATA = str(SHARED_DATA)
     ("tfns", "$ALLY - Ally Financial pulls outlook", "negative",
      {"neutral": 1566, "positive": 475, "negative": 347}),
 ])
+@pytest.mark.shared_data
 def test_offline_sets_are_the_leaderboards(name, first, gold, mix):
     """Sizes, first item and label mix match the leaderboard's published fingerprints."""
     items = finance.load_items(name, DATA, None)
@@ -39,6 +40,7 @@ def test_offline_sets_are_the_leaderboards(name, first, gold, mix):
     assert finance.load_items(name, DATA, 3) == items[:3]
 
 
+@pytest.mark.shared_data
 def test_fiqa_prompts_equal_the_leaderboards_byte_for_byte():
     """Every rebuilt prompt equals the leaderboard's own `context` (tweet/news instruction,
     mojibake and all), and the gold its `new_target`."""
@@ -58,6 +60,7 @@ def test_numpy_split_is_datasets_train_test_split(n):
     assert len(expected) == math.ceil(0.25 * n)
 
 
+@pytest.mark.shared_data
 def test_fpb_split_equals_the_leaderboard_prompt_format():
     item = finance.load_items("fpb", DATA, 1)[0]
     assert finance.leaderboard_prompt(item.data) == (
@@ -111,6 +114,7 @@ def tiny(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.mark.shared_data
 def test_robust_picks_the_most_likely_label_batched_as_unbatched(tiny):
     """Batched scores equal one unbatched forward pass per prompt + label, and the answer is
     their argmax."""
@@ -188,6 +192,7 @@ def test_leaderboard_reads_the_pad_rule_from_the_model_files(pad_is_eos):
     _assert_same(before, _snapshot(model, tokenizer))
 
 
+@pytest.mark.shared_data
 def test_leaderboard_leaves_model_and_tokenizer_as_found(pad_is_eos):
     """The `[PAD]` resize is undone: every parameter is the same object with the same values,
     the config's vocabulary size and the tying are back, the caller's tokenizer is untouched,
@@ -210,6 +215,7 @@ def test_leaderboard_leaves_model_and_tokenizer_as_found(pad_is_eos):
     assert [r.extra for r in robust_after] == [r.extra for r in robust_before]
 
 
+@pytest.mark.shared_data
 def test_leaderboard_is_seeded(tiny, monkeypatch):
     """A sampling model (its generation_config says so) gives the same answers run after run:
     the seed is set per run; another seed gives other answers."""
@@ -228,6 +234,7 @@ def test_leaderboard_is_seeded(tiny, monkeypatch):
     assert first == again and other != first
 
 
+@pytest.mark.shared_data
 def test_summary_counts_labels_and_missing_windows(tiny):
     model, tokenizer = tiny
     records = finance.run_protocol("robust", "fpb", model, tokenizer, _items(3), Options())
@@ -235,6 +242,7 @@ def test_summary_counts_labels_and_missing_windows(tiny):
     assert sum(extra["predicted"].values()) == 3 and "no_answer_window" not in extra
 
 
+@pytest.mark.shared_data
 def test_unknown_names_are_errors(tiny):
     with pytest.raises(ValueError, match="known: fpb, fiqa, tfns"):
         finance.load_items("nwgi", DATA, None)
@@ -251,6 +259,7 @@ def test_hub_sets_offline_are_not_available():
 # ----------------------------------------------------------------------------- stand-in
 
 
+@pytest.mark.shared_data
 def test_standin_holds_no_evaluation_sentence():
     """4,484 rows: FPB's 3,634 rows outside the split less 5 that repeat a split sentence,
     and the 855 FiQA annotations whose sentence is not among the 304 evaluated, including
@@ -287,6 +296,7 @@ def data_copy(tmp_path):
     return tmp_path
 
 
+@pytest.mark.shared_data
 def test_missing_file_names_it_and_the_hub_id(data_copy):
     (data_copy / sources.TFNS_FILE).unlink()
     with pytest.raises(ValueError, match=r"sent_valid\.csv is missing.*zeroshot/twitter"):
@@ -309,6 +319,7 @@ def _corrupt(path, line: int, text: str, encoding: str = "utf-8") -> None:
      r"generation_fiqa_fl\.jsonl line 2: not a FlowerTune finance prompt"),
     (sources.FIQA_REFERENCE_FILE, 5, "{not json", r"generation_fiqa_fl\.jsonl line 5"),
 ])
+@pytest.mark.shared_data
 def test_malformed_rows_name_file_and_line(data_copy, relative, line, text, message):
     _corrupt(data_copy / relative, line, text,
              "iso-8859-1" if relative == sources.FPB_FILE else "utf-8")
@@ -316,6 +327,7 @@ def test_malformed_rows_name_file_and_line(data_copy, relative, line, text, mess
         sources.build_finance_standin(data_copy)
 
 
+@pytest.mark.shared_data
 def test_malformed_fiqa_score_names_the_entry(data_copy):
     path = data_copy / "finance/fiqa-2018/task1_post_ABSA_test.json"
     entries = json.loads(path.read_text())

@@ -56,12 +56,14 @@ def items():
     ("medmcqa", {"A": 1348, "B": 1085, "C": 925, "D": 825}),  # cop 1..4 in the original file
     ("medqa", {"A": 353, "B": 309, "C": 346, "D": 265}),
 ])
+@pytest.mark.shared_data
 def test_offline_sets_have_the_official_sizes_and_answer_mix(items, name, mix):
     assert len(items[name]) == BENCHMARKS[name].count == sum(mix.values())
     assert Counter(item.gold for item in items[name]) == mix
     assert len({item.qid for item in items[name]}) == len(items[name])
 
 
+@pytest.mark.shared_data
 def test_first_medmcqa_row_and_limit(items):
     first = items["medmcqa"][0]
     assert first.qid == "45258d3d-b974-44dd-a161-c3fccbdadd88" and first.gold == "A"
@@ -71,6 +73,7 @@ def test_first_medmcqa_row_and_limit(items):
     assert BENCHMARKS["careqa"].count == 5621
 
 
+@pytest.mark.shared_data
 def test_careqa_offline_is_not_available_and_a_missing_file_is_named(tmp_path):
     with pytest.raises(NotAvailable, match="not available offline: CareQA .*run online"):
         load_items("careqa", DATA, None)
@@ -80,6 +83,7 @@ def test_careqa_offline_is_not_available_and_a_missing_file_is_named(tmp_path):
         load_items("mmlu", DATA, None)
 
 
+@pytest.mark.shared_data
 def test_pubmedqa_gold_is_checked_against_the_ground_truth_file(tmp_path):
     folder = tmp_path / "medical" / "pubmedqa"
     folder.mkdir(parents=True)
@@ -111,6 +115,7 @@ def _leaderboard_prompt(item: Item) -> str:
     return flowertune_wrap(leaderboard_prompt(item))
 
 
+@pytest.mark.shared_data
 def test_medmcqa_prompts_byte_for_byte(items):
     item = items["medmcqa"][0]
     options = ("A. Impulse through myelinated fibers is slower than non-myelinated fibers\n"
@@ -128,6 +133,7 @@ def test_medmcqa_prompts_byte_for_byte(items):
         f"{options}Answer:")
 
 
+@pytest.mark.shared_data
 def test_medqa_prompts_byte_for_byte(items):
     item = items["medqa"][0]
     question = (
@@ -150,6 +156,7 @@ def test_medqa_prompts_byte_for_byte(items):
     assert robust_prompt(item) == f"Question: {question}\n{options}Answer:"
 
 
+@pytest.mark.shared_data
 def test_pubmedqa_prompts_byte_for_byte(items):
     (item,) = [i for i in items["pubmedqa"] if i.qid == "21214884"]
     contexts = (
@@ -213,6 +220,7 @@ def tiny(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.mark.shared_data
 def test_max_new_tokens_come_from_the_first_gold_of_each_16_row_batch(tiny, items):
     """PubMedQA's test file runs yes (0-275), no (276-444), maybe (445-499). The tiny tokenizer
     splits "yes"/"no" in 2 tokens and "maybe" in 4, so rows 445-447, in the batch 432-447 that
@@ -252,6 +260,7 @@ def _reference_records(model, tokenizer, chosen: list[Item]):
             for i, out in zip(chosen, outputs, strict=True)]
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("with_bos", [False, True], ids=["no-bos", "bos"])
 def test_batched_leaderboard_equals_flowertunes_per_prompt_loop(tiny, tiny_model_dir, items,
                                                                 with_bos):
@@ -301,6 +310,7 @@ def test_duplicate_prompts_share_the_last_occurrences_output(tiny):
     assert (records[0].extra["max_new_tokens"], records[16].extra["max_new_tokens"]) == (2, 4)
 
 
+@pytest.mark.shared_data
 def test_robust_picks_the_argmax_of_unbatched_loglikelihoods(tiny, items):
     """Each choice scored alone (the harness's request: context + continuation, one forward
     pass) gives the recorded log-likelihoods; the prediction is their argmax. PubMedQA's
@@ -328,6 +338,7 @@ def test_robust_picks_the_argmax_of_unbatched_loglikelihoods(tiny, items):
             assert record.raw_output is None and record.prompt == robust_prompt(item)
 
 
+@pytest.mark.shared_data
 def test_run_protocol_rejects_an_unknown_protocol_and_foreign_items(tiny, items):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="unknown protocol 'flowertune'"):

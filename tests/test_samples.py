@@ -21,8 +21,6 @@ _spec = importlib.util.spec_from_file_location("make_samples", SCRIPT)
 make_samples = sys.modules["make_samples"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_samples)
 
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
-                                  reason=f"no full offline data at {SHARED_DATA}")
 ROW = re.compile(r"^\| `([^`]+)` \| [^|]+ \| [^|]+ \| ([^|]+) \| `([0-9a-f]{64})` \|$")
 EVAL_SETS = {  # loader module -> the sets the samples hold
     "evaluation.finance": ("fpb", "tfns"),
@@ -40,7 +38,7 @@ def _loader(module: str):
     return importlib.import_module(module)
 
 
-@needs_shared
+@pytest.mark.shared_data
 def test_samples_are_exactly_what_make_samples_cuts_from_the_shared_data():
     built, committed = make_samples.build(SHARED_DATA), _files(REPO_SAMPLES)
     assert sorted(committed) == sorted(built)
@@ -88,7 +86,7 @@ def test_each_evaluation_set_loads(module, name):
     assert len({i.qid for i in items}) == len(items) and all(i.gold for i in items)
 
 
-@needs_shared
+@pytest.mark.shared_data
 @pytest.mark.parametrize(("module", "name"),
                          [(m, n) for m, names in EVAL_SETS.items() for n in names])
 def test_each_evaluation_set_is_the_start_of_the_full_one(module, name):

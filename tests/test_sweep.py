@@ -27,6 +27,7 @@ TINY_OVERRIDES = ("num-server-rounds=1 model.quantization=0 train.seq-length=128
                   "train.training-arguments.per-device-train-batch-size=2")
 
 
+@pytest.mark.shared_data
 def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, tmp_path):
     common = ("--task", "general_nlp", "--data-dir", str(SHARED_DATA), "--run-id", "t1",
               "--run-config", f"{TINY_OVERRIDES} static.dataset.validation-size=16",
@@ -86,6 +87,7 @@ def test_sweep_records_failure_completes_good_model_and_resumes(tiny_model_dir, 
     assert rows[str(tiny_model_dir)]["Leaderboard mean"] not in ("", None)
 
 
+@pytest.mark.shared_data
 def test_sweep_resume_continues_a_stopped_training(tiny_model_dir, tmp_path):
     common = ("--model", str(tiny_model_dir), "--task", "general_nlp", "--data-dir",
               str(SHARED_DATA), "--run-id", "r1", "--limit-per-subject", "1",

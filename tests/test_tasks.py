@@ -71,6 +71,7 @@ def test_the_task_decides_what_the_model_is_trained_on(tiny_model_dir):
     assert general["input_ids"] != medical["input_ids"]
 
 
+@pytest.mark.shared_data
 def test_offline_stand_ins_exist_for_every_task(tmp_path):
     for task in TASKS.values():
         path = stand_in_path(task, SHARED_DATA, tmp_path)
@@ -87,6 +88,7 @@ def test_a_missing_stand_in_names_the_file_and_the_hub_id(tmp_path):
         stand_in_path(get_task("code"), tmp_path, tmp_path)
 
 
+@pytest.mark.shared_data
 def test_the_cli_lists_tasks_and_refuses_unknown_ones():
     run = [sys.executable, "-m", "flowertune_nlp.tasks"]
     listed = subprocess.run([*run, "list"], capture_output=True, text=True, cwd=ROOT)

@@ -195,6 +195,10 @@ def check_references(data_dir, names: Sequence[str] | None = None,
             "stubs": {"run": len(stubs), "failed_as_expected": len(stubs) - len(unexpected),
                       "unexpected": unexpected},
         }
+    ran = [r for r in report.values() if r["status"] != "not run"]
+    if problems is not None and ran and not any(r["problems"] for r in ran):
+        raise ValueError(f"none of the problems {sorted(problems)[:3]} is in "
+                         f"{', '.join(report)}")
     return report
 
 
