@@ -250,8 +250,11 @@ def _recorded_seconds(record: dict) -> float:
     (what a resumed training took, pauses included)."""
     from datetime import datetime
 
-    start, end = (datetime.strptime(record[k], "%Y-%m-%dT%H:%M:%S%z")
-                  for k in ("started_at", "finished_at"))
+    try:
+        start, end = (datetime.strptime(record[k], "%Y-%m-%dT%H:%M:%S%z")
+                      for k in ("started_at", "finished_at"))
+    except (KeyError, TypeError, ValueError):  # a record without both times: unknown
+        return 0.0
     return (end - start).total_seconds()
 
 
