@@ -313,7 +313,7 @@ def train_baseline(model: str, kind: str, args, pair_dir: Path, env) -> dict:
     if read_status(record_file) == "completed":
         say(f"[{model_slug(model)}] {kind} baseline already completed in {pair_dir}")
         record = json.loads(record_file.read_text())
-        return {"train_seconds": 0.0, "adapter": record["final_adapter"],
+        return {"train_seconds": _recorded_seconds(record), "adapter": record["final_adapter"],
                 "metrics_file": str(run_dir / "metrics.jsonl"), "comm_mb": 0.0}
     if run_dir.exists():
         run_dir.rename(run_dir.with_name(f"{kind}.attempt-{time.strftime('%H%M%S')}"))
