@@ -118,6 +118,7 @@ class RoundDriver(Strategy):
         self.ledger = resumed.ledger if resumed else CommLedger()
         self.empty_rounds = resumed.empty_rounds if resumed else 0
         values = dict(resumed.rule_values) if resumed else {}
+        # The policy takes the noise secret out of `values`; what is left is the rule's state.
         self.privacy = PrivacyPolicy(config, rule, accountant_of(rule), values)
         if resumed:
             load_rule_state(rule, resumed.rule_arrays, values)
