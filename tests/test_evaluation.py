@@ -185,6 +185,25 @@ def test_multi_token_continuation_path_scores_like_the_next_token_path(tiny, mml
     assert torch.allclose(one_token, general, atol=1e-4, rtol=0)
 
 
+def test_multi_token_path_projects_only_the_continuation_positions(tiny, mmlu_dir):
+    """The LM head sees the positions that predict continuation tokens, not every position of
+    every prompt (PubMedQA's abstracts at batch 16 took over 20 GB of logits)."""
+    model, tokenizer = tiny
+    questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:4]
+    prompts, continuations = encode_logprob(tokenizer, questions)
+    assert any(len(c) > 1 for conts in continuations for c in conts)
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    try:
+        _score_continuations(model, tokenizer, prompts, continuations, 4, "cpu", None)
+    finally:
+        hook.remove()
+    longest = max(len(p) + len(c) for p, conts in zip(prompts, continuations, strict=True)
+                  for c in conts)
+    most = max(len(c) for conts in continuations for c in conts) * 4  # per batch of 4
+    assert widths and max(widths) <= most < longest
+
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
