@@ -242,6 +242,7 @@ def run_logprob(model, tokenizer, questions: Sequence[Question], batch_size: int
     return predictions
 
 
+@torch.inference_mode()
 def continuation_scores(model, tokenizer, prompts: list[list[int]],
                         continuations: list[list[list[int]]], batch_size: int,
                         progress: Callable | None = None) -> torch.Tensor:
@@ -249,7 +250,8 @@ def continuation_scores(model, tokenizer, prompts: list[list[int]],
     tokens of choice c of prompt q (every prompt has the same number of choices); returns a
     [prompts, choices] tensor. When every continuation is one token, one forward pass per prompt
     scores all its choices from the next-token distribution (the prompt's pass is shared);
-    otherwise each prompt + continuation runs, right-padded."""
+    otherwise each prompt + continuation runs, right-padded. Without autograd: the scores of a
+    model whose weights require gradients would otherwise keep every batch's activations."""
     device = next(model.parameters()).device
     if all(len(c) == 1 for conts in continuations for c in conts):
         return _score_next_token(model, tokenizer, prompts,

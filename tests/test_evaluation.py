@@ -17,6 +17,7 @@ from evaluation.mmlu import CATEGORIES, Question, load_questions, load_subject, 
 from evaluation.protocols import (
     _score_continuations,
     _score_next_token,
+    continuation_scores,
     encode_logprob,
     flowertune_prompt,
     harness_encode_pair,
@@ -183,6 +184,18 @@ def test_multi_token_continuation_path_scores_like_the_next_token_path(tiny, mml
     general = _score_continuations(model, tokenizer, prompts,
                                    [[[t] for t in row] for row in first], 4, "cpu", None)
     assert torch.allclose(one_token, general, atol=1e-4, rtol=0)
+
+
+def test_continuation_scores_keep_no_autograd_graph(tiny, mmlu_dir):
+    """Suites call this outside any inference mode, on models whose weights require gradients:
+    a score that kept its graph would keep every batch's activations (24 GB on PubMedQA)."""
+    model, tokenizer = tiny
+    assert any(p.requires_grad for p in model.parameters())
+    questions = load_questions(str(mmlu_dir), ("stem",), limit_per_subject=1)[:4]
+    prompts, continuations = encode_logprob(tokenizer, questions)
+    for conts in (continuations, [[c[:1] for c in row] for row in continuations]):
+        scores = continuation_scores(model, tokenizer, prompts, conts, 4)
+        assert not scores.requires_grad and scores.grad_fn is None
 
 
 def test_multi_token_path_projects_only_the_continuation_positions(tiny, mmlu_dir):
