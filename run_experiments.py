@@ -259,13 +259,14 @@ def _recorded_seconds(record: dict) -> float:
 
 
 def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env,
-          resume: bool) -> dict:
-    """Train through the launcher; with `resume`, continue the pair's saved run instead."""
+          resume: bool, earlier_seconds: float = 0.0) -> dict:
+    """Train through the launcher; with `resume`, continue the pair's saved run instead (adding
+    the `earlier_seconds` its earlier attempts trained), or reuse it where it completed."""
     run_dir = pair_dir / "train"
     record_file = run_dir / "run.json"
     log_file = pair_dir / "train.log"
-    seconds = 0.0
-    if not (resume and read_status(record_file) == "completed"):
+    reused = resume and read_status(record_file) == "completed"
+    if not reused:
         # The pair's own settings go in a TOML file: no quoting of paths or model names.
         overrides = {"model.name": model, "task": task.name, "output-dir": str(pair_dir),
                      "run-name": run_dir.name}
@@ -282,7 +283,7 @@ def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env
         code = run_watched(command, log_file, env, run_dir,
                            [*run_configs(args), str(overrides_file)],
                            f"[{model_slug(model)} {task.name}]")
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + earlier_seconds
         if not record_file.is_file():
             errors = [line for line in log_file.read_text().splitlines()
                       if line.startswith("error:")]
@@ -292,7 +293,7 @@ def train(model: str, args, task: Task, dataset: str | None, pair_dir: Path, env
         code = 0
         say(f"[{model_slug(model)} {task.name}] training already completed; evaluating its adapter")
     record = json.loads(record_file.read_text())
-    if code == 0 and seconds == 0.0:  # an earlier attempt trained: run.json's wall span
+    if reused:  # an earlier attempt trained it all: run.json's wall span
         seconds = _recorded_seconds(record)
     status = current_status(record)
     if code != 0 or status != "completed" or not record.get("final_adapter"):
@@ -390,13 +391,8 @@ def run_pair(model: str, args, task: Task, sweep_dir: Path, env) -> dict:
         else:
             say(f"{tag} {'resuming ' if resume else ''}training "
                 f"(log: {pair_dir / 'train.log'})")
-            reused = resume and read_status(pair_dir / "train" / "run.json") == "completed"
-            state.update(train(model, args, task, dataset, pair_dir, env, resume))
-            if reused:  # the attempt that trained recorded its time, else run.json's span
-                state["train_seconds"] = (previous.get("train_seconds")
-                                          or state["train_seconds"])
-            elif resume:  # an earlier attempt's training time, where it finished training
-                state["train_seconds"] += previous.get("train_seconds", 0.0)
+            state.update(train(model, args, task, dataset, pair_dir, env, resume,
+                               previous.get("train_seconds", 0.0) if resume else 0.0))
         say(f"{tag} evaluating {state['adapter']} (log: {pair_dir / 'eval.log'})")
         state.update(evaluate(model, state["adapter"], args, task, pair_dir, env))
         if not args.eval_only:  # --eval-only keeps the earlier setups
